@@ -1,0 +1,200 @@
+"""Typed run configuration, loaded from YAML with `--set a.b=c` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the key instead of a
+setting that silently does nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PolicyModelConfig(Section):
+    """The FLUX pipeline the policy starts from (hub id or local from_pretrained folder)."""
+
+    pretrained: str = "black-forest-labs/FLUX.1-dev"
+    revision: str | None = None
+    # Rollout forward passes run in this dtype; log-probs are always computed in fp32.
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    attention_backend: Literal["native", "xformers", "flash"] = "native"
+    gradient_checkpointing: bool = True
+
+
+class LoraConfig(Section):
+    enabled: bool = True
+    rank: int = Field(32, ge=1)
+    alpha: float = Field(64.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # FLUX attention and feed-forward projections, as in Flow-GRPO's FLUX setup.
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+        ]
+    )
+
+
+class SamplingConfig(Section):
+    height: int = Field(512, ge=16)
+    width: int = Field(512, ge=16)
+    num_steps: int = Field(16, ge=1)
+    eval_num_steps: int = Field(28, ge=1)
+    guidance_scale: float = Field(3.5, ge=0)
+    max_sequence_length: int = Field(512, ge=1)
+    # 0 makes every step the plain ODE (Euler) step of FluxPipeline.
+    noise_level: float = Field(0.7, ge=0)
+    sde_type: Literal["flow_grpo", "cps"] = "flow_grpo"
+    # Steps [start, end) use the SDE (and are trainable); the rest use the ODE. None = all.
+    sde_window: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingConfig:
+        if self.sde_type == "cps" and self.noise_level > 1:
+            raise ValueError("noise_level: the CPS SDE needs noise_level in [0, 1]")
+        if self.sde_window is not None:
+            start, end = self.sde_window
+            if not 0 <= start < end <= self.num_steps:
+                raise ValueError(
+                    f"sde_window: {self.sde_window} must satisfy 0 <= start < end <= "
+                    f"num_steps ({self.num_steps})"
+                )
+        return self
+
+
+class GRPOConfig(Section):
+    group_size: int = Field(24, description="G: images sampled per prompt")
+    # k best and k worst per group are kept; None keeps the whole group (plain GRPO).
+    top_k: int | None = 6
+    filter_order: Literal["select_then_normalize", "normalize_then_select"] = (
+        "select_then_normalize"
+    )
+    std_scope: Literal["group", "global"] = "group"
+    adv_eps: float = Field(1e-4, gt=0)
+    adv_clip: float | None = Field(5.0, gt=0)
+    clip_range: float = Field(1e-4, gt=0)
+    kl_beta: float = Field(0.004, ge=0)
+    # Fraction of the SDE steps trained per trajectory (Flow-GRPO's timestep_fraction).
+    timestep_fraction: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPOConfig:
+        if self.group_size < 2:
+            raise ValueError(f"group_size: must be >= 2 to form advantages, got {self.group_size}")
+        if self.top_k is not None and not 1 <= self.top_k <= self.group_size // 2:
+            raise ValueError(
+                f"top_k: must be in [1, group_size/2] = [1, {self.group_size // 2}], "
+                f"got {self.top_k}"
+            )
+        return self
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, gt=0)
+    updates_per_iteration: int = Field(1, ge=1, description="passes over each iteration's batch")
+    micro_batch_size: int = Field(4, ge=1, description="trajectories per forward/backward")
+
+
+class PromptsConfig(Section):
+    # "shapes" samples shapes-world prompts; otherwise a parquet file with a `prompt` column.
+    source: str = "shapes"
+    eval_source: str = "shapes"
+    prompts_per_iteration: int = Field(4, ge=1)
+    num_eval_prompts: int = Field(16, ge=1)
+
+
+class RewardConfig(Section):
+    # "shapes_rule" | "spatialscore" | "brightness_left" | weighted sums (see spatialrl.rewards)
+    kind: str = "spatialscore"
+    spatialscore_path: str | None = None
+    weights: dict[str, float] = Field(default_factory=dict)
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "spatialrl"
+    run_name: str | None = None
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    iterations: int = Field(100, ge=1)
+    output_dir: str = "runs/default"
+    model: PolicyModelConfig = Field(default_factory=PolicyModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. grpo.top_k=4")
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {name!r} is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw)
+
+
+def validate_config(model: type[Section], tree: dict[str, Any], origin: str) -> Section:
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid config {origin}: {problems}") from None
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), model: type[Section] = TrainConfig
+) -> Section:
+    """Load `model` from a YAML file (or defaults when path is None) plus overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        tree = loaded or {}
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return validate_config(model, tree, str(path) if path else "<defaults>")
+
+
+def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value, for logging the whole config as MLflow params."""
+    flat: dict[str, Any] = {}
+    for name, value in config:
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            flat.update(flatten(value, f"{key}."))
+        else:
+            flat[key] = value
+    return flat
