@@ -52,6 +52,8 @@ class SamplingConfig(Section):
     width: int = Field(512, ge=16)
     num_steps: int = Field(16, ge=1)
     eval_num_steps: int = Field(28, ge=1)
+    # Images per transformer batch when sampling; groups are split across batches.
+    batch_size: int = Field(8, ge=1)
     guidance_scale: float = Field(3.5, ge=0)
     max_sequence_length: int = Field(512, ge=1)
     # 0 makes every step the plain ODE (Euler) step of FluxPipeline.
@@ -134,7 +136,10 @@ class MlflowConfig(Section):
 class TrainConfig(Section):
     seed: int = 0
     iterations: int = Field(100, ge=1)
+    eval_every: int = Field(10, ge=0, description="iterations between evaluations; 0 = never")
+    checkpoint_every: int = Field(50, ge=0, description="0 = only at the end")
     output_dir: str = "runs/default"
+    device: str = "auto"
     model: PolicyModelConfig = Field(default_factory=PolicyModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)

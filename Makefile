@@ -1,0 +1,22 @@
+# Quick start: `make train-local` runs the main job on the embedded default;
+# `make test` runs the test suite. Both install what they need first (idempotent).
+VENV ?= .venv
+BIN := $(VENV)/bin
+TINY := tiny-models
+
+.PHONY: install tiny-models train-local test lint
+
+install:
+	VENV=$(VENV) scripts/install.sh
+
+tiny-models: install
+	$(BIN)/spatialrl tiny-models $(TINY)
+
+train-local: tiny-models
+	$(BIN)/spatialrl train --config configs/local.yaml
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src actors learners tests bench

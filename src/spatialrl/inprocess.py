@@ -1,0 +1,136 @@
+"""Synchronous filtered GRPO in one process, without Ray.
+
+This is the reference loop: the Ray trainer distributes exactly these stages. It also
+trains on a single GPU machine where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from spatialrl.config import TrainConfig, flatten
+from spatialrl.evaluation import evaluate_policy
+from spatialrl.flux.loading import load_flux_pipeline
+from spatialrl.flux.lora import add_lora, save_lora
+from spatialrl.grpo.update import TorchOptimization, grpo_update
+from spatialrl.prompts import PromptSource, eval_prompts
+from spatialrl.rewards import build_reward
+from spatialrl.rollout import sample_groups
+from spatialrl.tracking import Tracker, image_grid
+from spatialrl.train_batch import build_train_batch, score_groups
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class InProcessTrainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.output_dir = Path(cfg.output_dir)
+        self.pipeline = load_flux_pipeline(cfg.model, self.device)
+        self.transformer = self.pipeline.transformer
+        add_lora(self.transformer, cfg.lora)
+        trainable = [p for p in self.transformer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            trainable, lr=cfg.optim.lr, betas=cfg.optim.betas,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.optimization = TorchOptimization(optimizer, cfg.optim.max_grad_norm)
+        self.reward = build_reward(cfg.reward, self.device)
+        self.prompts = PromptSource(cfg.prompts.source, cfg.seed)
+        self.eval_prompts = eval_prompts(
+            cfg.prompts.eval_source, cfg.prompts.num_eval_prompts, cfg.seed
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.version = 0  # one published weight update = one version
+
+    def train_iteration(self, iteration: int) -> tuple[dict[str, float], list[dict]]:
+        cfg = self.cfg
+        timings = {}
+        start = time.perf_counter()
+        taken = self.prompts.take(cfg.prompts.prompts_per_iteration)
+        groups = sample_groups(
+            self.pipeline, [p for _, p in taken], [i for i, _ in taken], iteration,
+            self.version, cfg.seed, cfg.grpo.group_size, cfg.sampling,
+        )
+        timings["time/rollout_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        batch = build_train_batch(score_groups(self.reward, groups), cfg.grpo)
+        timings["time/reward_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        metrics = dict(batch.metrics)
+        if len(batch.trajectory) > 0:
+            self.transformer.train()
+            learn = grpo_update(
+                self.transformer, batch.trajectory.to(self.device), batch.advantages,
+                cfg.grpo, cfg.sampling, cfg.optim, self.optimization, self.generator,
+            )
+            self.transformer.eval()
+            metrics.update({f"learn/{k}": v for k, v in learn.items()})
+            self.version += 1
+        timings["time/learn_s"] = time.perf_counter() - start
+        images = cfg.prompts.prompts_per_iteration * cfg.grpo.group_size
+        metrics.update(timings)
+        metrics["throughput/images_per_s"] = images / sum(timings.values())
+        metrics["policy/version"] = float(self.version)
+        return metrics, batch.ledger
+
+    def evaluate(self) -> tuple[dict[str, float], list]:
+        result = evaluate_policy(
+            self.pipeline, self.eval_prompts, self.reward, self.cfg.sampling, self.cfg.seed,
+            shapes_world=self.cfg.prompts.eval_source == "shapes",
+        )
+        return result.metrics, result.images
+
+    def save_checkpoint(self, iteration: int) -> Path:
+        path = self.output_dir / "checkpoints" / f"iteration-{iteration:06d}" / "lora"
+        save_lora(self.pipeline, path)
+        return path
+
+    def fit(self, tracker: Tracker | None = None) -> list[dict[str, float]]:
+        cfg = self.cfg
+        if tracker:
+            tracker.log_params(flatten(cfg))
+        history = []
+        ledger_dir = self.output_dir / "ledger"
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+        for iteration in range(cfg.iterations):
+            metrics, ledger = self.train_iteration(iteration)
+            pq.write_table(pa.Table.from_pylist(ledger), ledger_dir / f"{iteration:06d}.parquet")
+            last = iteration == cfg.iterations - 1
+            if cfg.eval_every and (iteration % cfg.eval_every == 0 or last):
+                eval_metrics, images = self.evaluate()
+                metrics.update(eval_metrics)
+                if tracker:
+                    tracker.log_image(
+                        image_grid(images, columns=8), f"eval/iteration-{iteration:06d}.png"
+                    )
+            if (cfg.checkpoint_every and (iteration + 1) % cfg.checkpoint_every == 0) or last:
+                path = self.save_checkpoint(iteration)
+                if tracker:
+                    tracker.log_artifacts(path, f"checkpoints/iteration-{iteration:06d}/lora")
+            log.info("iteration %d: %s", iteration, _summary(metrics))
+            if tracker:
+                tracker.log_metrics(metrics, step=iteration)
+            history.append(metrics)
+        return history
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    keys = ("reward/mean", "filter/kept_fraction", "learn/policy_loss", "learn/kl",
+            "eval/reward_mean", "eval/relation_accuracy", "throughput/images_per_s")
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)

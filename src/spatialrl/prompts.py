@@ -1,0 +1,60 @@
+"""Prompt sources with a resumable cursor.
+
+A source is either "shapes" (an endless, seeded stream of shapes-world prompts) or a parquet
+file with a `prompt` column, cycled in a fresh seeded order each epoch. The cursor is the
+number of prompts handed out so far: saving it in a checkpoint and restoring it resumes the
+exact sequence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    table = pq.read_table(path)
+    if "prompt" not in table.column_names:
+        raise ValueError(f"{path}: missing column 'prompt' (has {table.column_names})")
+    prompts = [p for p in table.column("prompt").to_pylist() if p and p.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no non-empty prompts")
+    return prompts
+
+
+class PromptSource:
+    def __init__(self, source: str, seed: int, split: str = "train", cursor: int = 0):
+        self.source = source
+        self.seed = seed
+        self.split = split
+        self.cursor = cursor
+        self._fixed = None if source == "shapes" else read_prompt_file(source)
+
+    def _prompt_at(self, index: int) -> str:
+        if self._fixed is None:
+            from spatialrl.data.shapes import sample_prompts
+
+            return sample_prompts(1, seed=self.seed * 1_000_003 + index, split=self.split)[0]
+        epoch, offset = divmod(index, len(self._fixed))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self._fixed))
+        return self._fixed[order[offset]]
+
+    def take(self, count: int) -> list[tuple[int, str]]:
+        """The next `count` (global index, prompt) pairs; the index doubles as a group id."""
+        taken = [(i, self._prompt_at(i)) for i in range(self.cursor, self.cursor + count)]
+        self.cursor += count
+        return taken
+
+
+def eval_prompts(source: str, count: int, seed: int) -> list[str]:
+    """A fixed held-out prompt set: the same prompts at every evaluation."""
+    if source == "shapes":
+        from spatialrl.data.shapes import sample_prompts
+
+        return sample_prompts(count, seed=seed, split="test")
+    return read_prompt_file(source)[:count]

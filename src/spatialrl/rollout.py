@@ -1,0 +1,71 @@
+"""Rollouts: G samples per prompt with reproducible seeds, sampled in fixed-size batches.
+
+A sample's seed depends only on (run seed, iteration, prompt, sample index), never on which
+actor or batch draws it, so a redone rollout reproduces the lost one exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from spatialrl.config import SamplingConfig
+from spatialrl.flux.sampler import Trajectory, sample
+
+
+def rollout_seed(run_seed: int, iteration: int, prompt: str, sample_index: int) -> int:
+    key = f"{run_seed}|{iteration}|{prompt}|{sample_index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+@dataclass
+class RolloutGroup:
+    """G samples of one prompt, tagged with the policy version that made them."""
+
+    prompt: str
+    group_id: int
+    iteration: int
+    version: int
+    trajectory: Trajectory
+    images: list[Image.Image]
+
+
+def sample_groups(
+    pipeline,
+    prompts: list[str],
+    group_ids: list[int],
+    iteration: int,
+    version: int,
+    run_seed: int,
+    group_size: int,
+    cfg: SamplingConfig,
+) -> list[RolloutGroup]:
+    """Sample `group_size` trajectories for each prompt, `cfg.batch_size` images at a time."""
+    flat_prompts = [p for p in prompts for _ in range(group_size)]
+    seeds = [
+        rollout_seed(run_seed, iteration, p, i) for p in prompts for i in range(group_size)
+    ]
+    parts, images = [], []
+    for start in range(0, len(flat_prompts), cfg.batch_size):
+        end = start + cfg.batch_size
+        trajectory, batch_images = sample(pipeline, flat_prompts[start:end], seeds[start:end], cfg)
+        parts.append(trajectory)
+        images.extend(batch_images)
+    everything = Trajectory.concat(parts)
+    groups = []
+    for n, (prompt, gid) in enumerate(zip(prompts, group_ids)):
+        members = torch.arange(n * group_size, (n + 1) * group_size)
+        groups.append(
+            RolloutGroup(
+                prompt=prompt,
+                group_id=gid,
+                iteration=iteration,
+                version=version,
+                trajectory=everything.select(members),
+                images=images[n * group_size : (n + 1) * group_size],
+            )
+        )
+    return groups
