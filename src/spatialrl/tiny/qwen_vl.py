@@ -1,0 +1,158 @@
+"""A tiny random Qwen2.5-VL-7B-Instruct: the real model, tokenizer and image processor classes
+with toy sizes.
+
+The folder written by `write_tiny_qwen_vl` has the files of the "Qwen/Qwen2.5-VL-7B-Instruct" hub
+repo (config, safetensors weights, tokenizer with its chat template, preprocessor_config.json), so
+it loads through the same `from_pretrained` calls. The weights are random. The vision tower keeps
+the real patch (14), temporal patch (2), spatial merge (2) and window (112 px) structure, and the
+image processor's pixel budget is small: a 64x64 image costs 4 LLM tokens, a 512x512 one 16. The
+tokenizer is Qwen2's byte-level BPE with merges learned offline from a word list, so any text
+still tokenizes (byte by byte outside the list).
+
+No `Qwen2_5_VLProcessor` is built: in transformers 5 it requires a video processor, which needs
+torchvision, and CPU machines here have none. `AutoProcessor` finds the same files on machines
+that have torchvision, as it does for the hub repo.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tokenizers import pre_tokenizers
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
+)
+
+from spatialrl.tiny.flux import VOCABULARY_WORDS, merge_pair
+
+# Words of the chat template and of the reward instruction, beside the shapes-world ones.
+INSTRUCTION_WORDS = """
+you are helpful assistant system user given generated from text prompt judge how well
+accurately depicts describes spatial relations relation positions objects image rate score
+quality does match follow
+""".split()
+
+# Qwen2.5-VL's special tokens, in its order (ids follow the learned vocabulary).
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# Qwen2.5-VL-Instruct's chat format: default system turn, images as vision_start/pad/end.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TEXT_HIDDEN_SIZE = 64
+MIN_PIXELS = 28 * 28
+MAX_PIXELS = 16 * 28 * 28  # 112x112: at most 16 image tokens
+
+
+def write_tiny_qwen_vl(out_dir: Path, seed: int = 0) -> Path:
+    """Build the tiny model and processor and `save_pretrained` both into `out_dir`.
+
+    The same seed gives the same weights, bit for bit. The folder appears atomically: it is
+    written next to `out_dir` and renamed into place, replacing an existing folder.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = qwen2_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_tiny_model(tokenizer)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private to this user
+    for part in (model, tokenizer, image_processor):
+        part.save_pretrained(staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return out_dir
+
+
+def qwen2_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2's byte-level BPE; every byte is a token, so nothing is unknown."""
+    words = sorted(set(VOCABULARY_WORDS) | set(INSTRUCTION_WORDS))
+    # A word is seen both after a space ("Ġleft", byte-level) and at the start of a line.
+    forms = [("Ġ",) + tuple(word) for word in words] + [tuple(word) for word in words]
+    merges = learn_merges(forms)
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, model_max_length=32768, chat_template=CHAT_TEMPLATE
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    return tokenizer
+
+
+def learn_merges(sequences: list[tuple[str, ...]]) -> list[tuple[str, str]]:
+    """Plain BPE training with ties broken alphabetically (the `tokenizers` trainer breaks
+    ties in hash order), run until every sequence is a single symbol."""
+    merges = []
+    while True:
+        pairs = Counter(pair for symbols in sequences for pair in zip(symbols, symbols[1:]))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        sequences = [merge_pair(symbols, best) for symbols in sequences]
+
+
+def build_tiny_model(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
+    """Random weights from torch's global generator; the vocabulary is padded to a multiple
+    of 64 rows, as Qwen's is (152064 rows for 151665 tokens)."""
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=-(-len(tokenizer) // 64) * 64,
+            hidden_size=TEXT_HIDDEN_SIZE,
+            intermediate_size=2 * TEXT_HIDDEN_SIZE,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # grouped-query attention, as in the 7B
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            # head_dim 16: rotary halves split into temporal/height/width sections
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"),
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            window_size=112,
+            out_hidden_size=TEXT_HIDDEN_SIZE,
+            fullatt_block_indexes=[1],  # block 0 windowed, block 1 full, as the 7B mixes them
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
