@@ -1,0 +1,2 @@
+"""The shapes world: prompt grammar, renderer, perturber, rule-based evaluator, and the
+preference-pair and prompt files built from them (numpy, Pillow and pyarrow only)."""
