@@ -1,0 +1,111 @@
+"""Shapes-world datasets: preference pairs and RL prompt sets, with a compositional split.
+
+The test split tests generalisation to unseen (colour, shape) combinations: train scenes never
+contain a held-out combination, and every test scene contains at least one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spatialrl.data.grammar import COLOURS, SHAPES, Scene, sample_scene, scene_to_prompt
+from spatialrl.data.pairs import SPLITS, PreferencePair, png_bytes
+from spatialrl.data.perturb import PerturbError, perturb
+from spatialrl.data.render import LayoutError, render
+
+# One shape held out per colour, each shape at least once: training still sees every colour
+# and every shape, only never in these combinations.
+HELD_OUT_COMBOS = frozenset(
+    {
+        ("red", "triangle"),
+        ("orange", "star"),
+        ("yellow", "circle"),
+        ("green", "diamond"),
+        ("cyan", "hexagon"),
+        ("blue", "square"),
+        ("purple", "triangle"),
+        ("pink", "star"),
+    }
+)
+TRAIN_COMBOS = frozenset(itertools.product(COLOURS, SHAPES)) - HELD_OUT_COMBOS
+
+
+class ShapesPairs(NamedTuple):
+    train: list[PreferencePair]
+    test: list[PreferencePair]
+
+
+def _split_code(split: str) -> int:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return SPLITS.index(split)
+
+
+def sample_split_scene(
+    rng: np.random.Generator, split: str, num_relations: tuple[int, int] = (1, 3)
+) -> Scene:
+    """A random scene that belongs to `split` ("train" or "test")."""
+    if _split_code(split) == _split_code("train"):
+        return sample_scene(rng, num_relations=num_relations, allowed_combos=TRAIN_COMBOS)
+    while True:
+        scene = sample_scene(rng, num_relations=num_relations)
+        if any(o.identity in HELD_OUT_COMBOS for o in scene.objects):
+            return scene
+
+
+def sample_prompts(n: int, seed: int = 0, split: str = "train") -> list[str]:
+    """n prompts for RL (rollout or evaluation), reproducible from the seed."""
+    rng = np.random.default_rng([seed, _split_code(split)])
+    return [scene_to_prompt(sample_split_scene(rng, split)) for _ in range(n)]
+
+
+def write_prompts_parquet(path: str | Path, prompts: list[str], split: str) -> None:
+    """A prompt file for RL: columns `prompt` and `split`."""
+    _split_code(split)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"prompt": prompts, "split": [split] * len(prompts)})
+    pq.write_table(table, path)
+
+
+def build_shapes_pairs(
+    n: int, seed: int = 0, size: int = 64, test_fraction: float = 0.2
+) -> ShapesPairs:
+    """n preference pairs (a correct render of a prompt, and a render of the same prompt with
+    1, 2 or 3 relations reversed, in equal shares), split into train and test."""
+    if not 0 <= test_fraction <= 1:
+        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
+    num_test = round(n * test_fraction)
+    return ShapesPairs(
+        train=[_build_pair(seed, "train", i, size) for i in range(n - num_test)],
+        test=[_build_pair(seed, "test", i, size) for i in range(num_test)],
+    )
+
+
+def _build_pair(seed: int, split: str, index: int, size: int) -> PreferencePair:
+    # One generator per pair: a pair does not depend on how many others are built.
+    rng = np.random.default_rng([seed, _split_code(split), index])
+    num_perturbed = 1 + index % 3
+    while True:
+        scene = sample_split_scene(rng, split, num_relations=(num_perturbed, 3))
+        try:
+            perturbed, _ = perturb(scene, num_perturbed, rng)
+            preferred, rejected = render(scene, size, rng), render(perturbed, size, rng)
+        except (PerturbError, LayoutError):  # too few reversible relations, or undrawable
+            continue
+        return PreferencePair(
+            prompt=scene_to_prompt(scene),
+            perturbed_prompt=scene_to_prompt(perturbed),
+            image_preferred=png_bytes(preferred),
+            image_rejected=png_bytes(rejected),
+            num_perturbed=num_perturbed,
+            source="shapes",
+            split=split,
+            pair_id=f"shapes-{seed}-{split}-{index:07d}",
+        )
