@@ -34,8 +34,8 @@ ImageLike = Image.Image | np.ndarray
 
 @dataclass(frozen=True)
 class EvalResult:
-    per_relation: tuple[bool, ...]  # one per scene relation, in order
-    objects_found: tuple[bool, ...]  # one per scene object, in order
+    per_relation: list[bool]  # one per scene relation, in order
+    objects_found: list[bool]  # one per scene object, in order
     accuracy: float  # fraction of relations that hold
     all_correct: bool
 
@@ -47,13 +47,13 @@ def evaluate(
 ) -> EvalResult:
     scene = _parse_cached(scene_or_prompt) if isinstance(scene_or_prompt, str) else scene_or_prompt
     objects = read_objects(image, scene)
-    holds = tuple(
+    holds = [
         relation_holds(r.predicate, objects[r.subject_index], objects[r.object_index], thresholds)
         for r in scene.relations
-    )
+    ]
     return EvalResult(
         per_relation=holds,
-        objects_found=tuple(o is not None for o in objects),
+        objects_found=[o is not None for o in objects],
         accuracy=sum(holds) / len(holds),
         all_correct=all(holds),
     )
@@ -67,7 +67,10 @@ def relation_accuracy(image: ImageLike, prompt: str | Scene) -> float:
 def read_objects(image: ImageLike, scene: Scene) -> list[ObjectFeatures | None]:
     """Each scene object's visible geometry, None where it is not found."""
     masks = segment(image, [o.colour for o in scene.objects])
-    return [read_object(mask, o.shape in CONVEX_SHAPES) for mask, o in zip(masks, scene.objects)]
+    return [
+        read_object(mask, o.shape in CONVEX_SHAPES)
+        for mask, o in zip(masks, scene.objects, strict=True)
+    ]
 
 
 def segment(image: ImageLike, colours: Sequence[str]) -> list[np.ndarray]:

@@ -110,8 +110,8 @@ class ObjectFeatures:
         """Convex hull of the visible pixels: where an occluder cuts into the object."""
         rows = np.flatnonzero(self.mask.any(axis=1))
         cols = [np.flatnonzero(self.mask[r]) for r in rows]
-        points = [(int(c[0]), int(r)) for r, c in zip(rows, cols)]
-        points += [(int(c[-1]), int(r)) for r, c in zip(rows, cols)]
+        points = [(int(c[0]), int(r)) for r, c in zip(rows, cols, strict=True)]
+        points += [(int(c[-1]), int(r)) for r, c in zip(rows, cols, strict=True)]
         vertices = _convex_hull(points)
         if len(vertices) < 3:
             return self.mask
@@ -199,7 +199,8 @@ def _label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     for row in range(mask.shape[0]):
         edges = np.diff(np.concatenate(([0], mask[row].astype(np.int8), [0])))
         current = []
-        for start, end in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        for start, end in zip(starts, ends, strict=True):
             run_id = len(parent)
             parent.append(run_id)
             for _, p_start, p_end, p_id in previous:

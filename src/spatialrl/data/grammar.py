@@ -151,12 +151,14 @@ def why_unsatisfiable(scene: Scene) -> str | None:
     """Why the scene cannot be drawn so that its relations read back from pixels, or None.
 
     Beyond plain contradictions (cycles such as A left of B left of A), a few rules keep every
-    accepted scene drawable by the renderer: an object rests on at most one object, carries
-    at most one and is behind at most one; once two touching relations (on, under, in front of, behind, next to) join
-    three objects, a further relation is allowed only if all of them are "next to" (a chain
-    of contacts pins the objects down too tightly for most extra constraints); no object lies
-    strictly between two touching objects along an axis; and two stars are never
-    depth-ordered (their own dents hide the dent that tells which one covers the other).
+    accepted scene drawable by the renderer:
+    - an object rests on at most one object, carries at most one and is behind at most one;
+    - once two touching relations (on, under, in front of, behind, next to) join three
+      objects, a further relation is allowed only if all of them are "next to" (a chain of
+      contacts pins the objects down too tightly for most extra constraints);
+    - no object lies strictly between two touching objects along an axis;
+    - two stars are never depth-ordered (their own dents hide the dent that tells which one
+      covers the other).
     """
     resting_on: set[int] = set()
     carrying: set[int] = set()

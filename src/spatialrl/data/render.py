@@ -65,7 +65,8 @@ def render(
 
     rng = rng if rng is not None else np.random.default_rng()
     for attempt in range(max_attempts):
-        layout = solve_layout(scene, rng, work_shape(size, size)[0], 1 - 0.35 * attempt / max_attempts)
+        shrink = 1 - 0.35 * attempt / max_attempts  # crowded scenes fit once objects shrink
+        layout = solve_layout(scene, rng, work_shape(size, size)[0], shrink)
         if layout is None:
             continue
         image = draw(layout, size)
@@ -90,7 +91,8 @@ def solve_layout(
     centres = _place(scene, outlines, rng)
     if centres is None:
         return None
-    polygons = _fit_in_frame([outline + centre for outline, centre in zip(outlines, centres)], rng)
+    placed = [outline + centre for outline, centre in zip(outlines, centres, strict=True)]
+    polygons = _fit_in_frame(placed, rng)
     if polygons is None:
         return None
     amodal = [_rasterise(p, work_size) for p in polygons]
@@ -260,7 +262,8 @@ def _overlaps_as_related(scene: Scene, amodal: list[np.ndarray]) -> bool:
             shared = int((amodal[i] & amodal[j]).sum())
             rel = kinds.get(frozenset((i, j)))
             if rel is not None and rel.predicate in _DEPTH:
-                back = rel.object_index if rel.predicate is Predicate.IN_FRONT_OF else rel.subject_index
+                in_front = rel.predicate is Predicate.IN_FRONT_OF
+                back = rel.object_index if in_front else rel.subject_index
                 hidden = shared / max(1, int(amodal[back].sum()))
                 if not _HIDDEN_RANGE[0] <= hidden <= _HIDDEN_RANGE[1]:
                     return False
