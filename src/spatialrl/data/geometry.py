@@ -73,6 +73,8 @@ RENDER_THRESHOLDS = Thresholds(
 # Speckle filtering, as fractions of the analysed image's area.
 _MIN_CORE_AREA = 0.0004
 _MIN_OBJECT_AREA = 0.001
+# Fewer pixels than this never count as a dent (antialiasing, blur).
+_MIN_DENT_PIXELS = 2
 
 
 def work_shape(width: int, height: int) -> tuple[int, int]:
@@ -89,7 +91,6 @@ class ObjectFeatures:
     # Whether the object's shape is convex: only then does a dent in its visible pixels show
     # that something covers it (a star has dents of its own).
     convex: bool
-    area: float
     centroid: tuple[float, float]
     bbox: tuple[float, float, float, float]  # x0, y0, x1, y1
 
@@ -153,7 +154,6 @@ def read_object(mask: np.ndarray, convex: bool = True) -> ObjectFeatures | None:
     return ObjectFeatures(
         mask=clean,
         convex=convex,
-        area=count / clean.size,
         centroid=((cols.mean() + 0.5) / width, (rows.mean() + 0.5) / height),
         bbox=(cols.min() / width, rows.min() / height,
               (cols.max() + 1) / width, (rows.max() + 1) / height),
@@ -266,7 +266,7 @@ def _occludes(front: ObjectFeatures, back: ObjectFeatures, t: Thresholds) -> boo
             front_in_back_hull >= enough
             and front_in_back_hull >= t.occlusion_ratio * back_in_front_hull
         )
-    dented = max(2.0, t.max_cover_of_whole * smaller)
+    dented = max(_MIN_DENT_PIXELS, t.max_cover_of_whole * smaller)
     if back.convex:
         return front_in_back_hull >= max(enough, dented)
     return front_in_back_hull >= enough and back_in_front_hull < dented

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from spatialrl.data.evaluate import evaluate
 from spatialrl.data.geometry import RENDER_THRESHOLDS, read_object, relation_holds, work_shape
 from spatialrl.data.grammar import (
     COLOURS,
@@ -61,8 +62,6 @@ def render(
 ) -> Image.Image:
     """A size x size RGB image of the scene. With `verify`, the finished image is also read
     back by the evaluator and redrawn if any relation fails there."""
-    from spatialrl.data.evaluate import evaluate  # the evaluator imports nothing from here
-
     rng = rng if rng is not None else np.random.default_rng()
     for attempt in range(max_attempts):
         shrink = 1 - 0.35 * attempt / max_attempts  # crowded scenes fit once objects shrink
@@ -89,8 +88,6 @@ def solve_layout(
     """One random layout attempt, checked at `work_size` pixels; None if it fails."""
     outlines = [_outline(o.shape, o.size, scale, rng) for o in scene.objects]
     centres = _place(scene, outlines, rng)
-    if centres is None:
-        return None
     placed = [outline + centre for outline, centre in zip(outlines, centres, strict=True)]
     polygons = _fit_in_frame(placed, rng)
     if polygons is None:
@@ -160,19 +157,19 @@ def _half_sides(outline: np.ndarray) -> np.ndarray:
     return outline.max(axis=0)
 
 
-def _place(
-    scene: Scene, outlines: list[np.ndarray], rng: np.random.Generator
-) -> list[np.ndarray] | None:
+def _place(scene: Scene, outlines: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """Centres relative to a random first object: each next object is offset from one it
-    relates to."""
+    relates to (or placed anywhere near, if it relates to none placed so far)."""
     centres: dict[int, np.ndarray] = {int(rng.integers(len(outlines))): np.zeros(2)}
     while len(centres) < len(outlines):
         linking = [
             r for r in scene.relations
             if (r.subject_index in centres) != (r.object_index in centres)
         ]
-        if not linking:
-            return None
+        if not linking:  # a scene made of unconnected groups
+            unplaced = [i for i in range(len(outlines)) if i not in centres]
+            centres[unplaced[0]] = rng.uniform(-0.5, 0.5, size=2)
+            continue
         rel = linking[rng.integers(len(linking))]
         if rel.subject_index in centres:  # express it as "new object <predicate> anchor"
             rel = Relation(rel.object_index, CONVERSE[rel.predicate], rel.subject_index)
@@ -214,7 +211,7 @@ def _offset(
         return np.array([slide, -touching if predicate is Predicate.ON else touching])
     # next to: beside (more often) or above/below, a small gap apart
     axis = 0 if rng.random() < 0.7 else 1
-    extent = (2 * new.max() + 2 * anchor.max()) / 2
+    extent = new.max() + anchor.max()  # the mean of the two objects' full extents
     gap = rng.uniform(0.005, RENDER_THRESHOLDS.max_near_gap * extent)
     offset = np.zeros(2)
     offset[axis] = (new[axis] + anchor[axis] + gap) * rng.choice([-1, 1])
