@@ -15,10 +15,11 @@ def config(path, **overrides) -> PolicyModelConfig:
 
 def test_loads_in_the_configured_dtype_with_frozen_encoders(tiny_flux_path):
     pipeline = load_flux_pipeline(config(tiny_flux_path, dtype="bfloat16"))
-    for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
+    encoders = (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2)
+    for module in (pipeline.transformer, *encoders):
         assert module.dtype == torch.bfloat16
         assert not module.training
-    for frozen in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
+    for frozen in encoders:
         assert not any(p.requires_grad for p in frozen.parameters())
     assert all(p.requires_grad for p in pipeline.transformer.parameters())  # full fine-tuning
     assert pipeline.transformer.is_gradient_checkpointing

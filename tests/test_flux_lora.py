@@ -83,8 +83,8 @@ def test_reference_policy_is_the_base_model_after_training(tiny_flux_path):
     with torch.no_grad(), reference_policy(pipeline.transformer):
         ref = step_distribution(pipeline.transformer, base_trajectory, step)
     assert (gaussian_kl(policy.mean, ref.mean, policy.std) > 0).all()
-    trainable = [p.requires_grad for n, p in pipeline.transformer.named_parameters() if "lora_" in n]
-    assert all(trainable)  # the switch restored requires_grad
+    adapter = [p for n, p in pipeline.transformer.named_parameters() if "lora_" in n]
+    assert all(p.requires_grad for p in adapter)  # the switch restored requires_grad
 
 
 def test_state_dict_sync_and_checksum(tiny_flux_path):

@@ -34,7 +34,9 @@ def test_noise_level_zero_reproduces_flux_pipeline(pipeline):
     # The same seeds as one CPU generator per sample, which is how the sampler draws noise.
     cfg = sampling(num_steps=5, guidance_scale=5.0)
     seeds = [7, 8]
-    trajectory, images = sample(pipeline, PROMPTS[:2], seeds, cfg, noise_level=0.0, output_type="np")
+    trajectory, images = sample(
+        pipeline, PROMPTS[:2], seeds, cfg, noise_level=0.0, output_type="np"
+    )
     reference = pipeline(
         PROMPTS[:2],
         generator=[torch.Generator().manual_seed(seed) for seed in seeds],
@@ -77,7 +79,7 @@ def test_ratio_is_one_when_the_batch_is_regrouped(pipeline):
     steps = list(range(trajectory.num_steps))
     for grouping in ([3, 5], [1] * 8):
         starts = np.cumsum([0] + grouping[:-1])
-        parts = [trajectory.select(range(s, s + n)) for s, n in zip(starts, grouping)]
+        parts = [trajectory.select(range(s, s + n)) for s, n in zip(starts, grouping, strict=True)]
         new = torch.cat([recompute_log_probs(pipeline.transformer, p, steps) for p in parts])
         assert (torch.exp(new - trajectory.log_probs) - 1).abs().max() < 1e-5
     order = [5, 2, 7, 0]
@@ -122,7 +124,8 @@ def test_images_come_out_as_pil_and_tensor(pipeline):
     _, tensor = sample(pipeline, PROMPTS[:2], [0, 1], sampling(num_steps=2), output_type="pt")
     assert [image.size for image in pil] == [(64, 64), (64, 64)]
     assert tensor.shape == (2, 3, 64, 64) and 0 <= tensor.min() and tensor.max() <= 1
-    assert np.abs(np.asarray(pil[1]) / 255.0 - tensor[1].permute(1, 2, 0).numpy()).max() < 1 / 255 + 1e-6
+    as_float = np.asarray(pil[1]) / 255.0
+    assert np.abs(as_float - tensor[1].permute(1, 2, 0).numpy()).max() < 0.5 / 255 + 1e-6
 
 
 def test_trajectory_select_concat_and_save_round_trip(pipeline, tmp_path):
@@ -148,7 +151,9 @@ def test_concat_refuses_records_with_different_schedules(pipeline):
 
 def test_step_distribution_backpropagates_into_lora(tiny_flux_path):
     pipeline = load_flux_pipeline(
-        PolicyModelConfig(pretrained=str(tiny_flux_path), dtype="float32", gradient_checkpointing=True)
+        PolicyModelConfig(
+            pretrained=str(tiny_flux_path), dtype="float32", gradient_checkpointing=True
+        )
     )
     add_lora(pipeline.transformer, LoraConfig(rank=4, alpha=8))
     trajectory, _ = sample(pipeline, PROMPTS[:2], [0, 1], sampling(num_steps=3))
@@ -156,4 +161,5 @@ def test_step_distribution_backpropagates_into_lora(tiny_flux_path):
     gaussian_log_prob(trajectory.states[:, 2], step.mean, step.std).sum().backward()
     grads = [p.grad for n, p in pipeline.transformer.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
-    assert all(p.grad is None for n, p in pipeline.transformer.named_parameters() if "lora_" not in n)
+    base = [p for n, p in pipeline.transformer.named_parameters() if "lora_" not in n]
+    assert all(p.grad is None for p in base)

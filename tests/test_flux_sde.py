@@ -1,4 +1,5 @@
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -53,7 +54,8 @@ def test_cps_transition_matches_hand_computed_values():
     step = transition(torch.tensor([[1.0]]), torch.tensor([[0.5]]), 0.5, 0.25, 0.5, "cps")
     std = 0.25 * math.sin(math.pi / 4)
     assert step.std.item() == pytest.approx(std, abs=1e-7)
-    assert step.mean.item() == pytest.approx(0.75 * 0.75 + math.sqrt(0.25**2 - std**2) * 1.25, abs=1e-6)
+    mean = 0.75 * 0.75 + math.sqrt(0.25**2 - std**2) * 1.25
+    assert step.mean.item() == pytest.approx(mean, abs=1e-6)
 
 
 def test_flow_grpo_first_step_at_sigma_one_uses_the_next_sigma():
@@ -77,7 +79,7 @@ def test_sdes_keep_the_flow_marginals_with_the_true_velocity(sde_type):
     data = 0.7
     sigmas = torch.linspace(1.0, 0.3, 141)
     x = torch.randn(40_000, 1, generator=generator)
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+    for sigma, sigma_next in pairwise(sigmas):
         v = point_mass_velocity(x, sigma, data)
         step = transition(x, v, sigma, sigma_next, 0.8, sde_type)
         x = sample_next(step, torch.randn(x.shape, generator=generator))

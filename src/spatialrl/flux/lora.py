@@ -82,7 +82,7 @@ def reference_policy(transformer: FluxTransformer2DModel) -> Iterator[FluxTransf
         yield transformer
     finally:
         transformer.enable_adapters()
-        for param, flag in zip(adapter_params, requires_grad):
+        for param, flag in zip(adapter_params, requires_grad, strict=True):
             param.requires_grad_(flag)
 
 

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from spatialrl.config import SamplingConfig
@@ -46,7 +47,8 @@ class Trajectory:
     """
 
     states: torch.Tensor  # [B, T+1, L, C] float32
-    log_probs: torch.Tensor  # [B, T] float32: log p(states[:, j+1] | states[:, j]); NaN at ODE steps
+    # [B, T] float32: log p(states[:, j+1] | states[:, j]); NaN at ODE steps
+    log_probs: torch.Tensor
     prompt_embeds: torch.Tensor  # [B, S, D] pipeline dtype
     pooled_prompt_embeds: torch.Tensor  # [B, P] pipeline dtype
     guidance: torch.Tensor  # [B] float32: FLUX.1-dev's embedded guidance scale
@@ -112,13 +114,11 @@ class Trajectory:
         return cls(**tensors, **fields)
 
     def save(self, path: str | Path) -> None:
-        tensors, metadata = self.to(torch.device("cpu")).to_tensors()
+        tensors, metadata = self.to("cpu").to_tensors()
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> Trajectory:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
         return cls.from_tensors(load_file(str(path)), metadata)

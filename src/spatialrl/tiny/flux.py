@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -171,7 +172,7 @@ def learn_bpe_merges(words: list[str]) -> list[tuple[str, str]]:
     corpus = [tuple(word[:-1]) + (word[-1] + "</w>",) for word in sorted(set(words))]
     merges = []
     while True:
-        pairs = Counter(pair for symbols in corpus for pair in zip(symbols, symbols[1:]))
+        pairs = Counter(pair for symbols in corpus for pair in pairwise(symbols))
         if not pairs:
             return merges
         best = min(pairs, key=lambda pair: (-pairs[pair], pair))
