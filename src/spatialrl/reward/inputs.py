@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, BatchFeature
 
@@ -38,11 +37,8 @@ class SpatialScoreProcessor:
         tokenizer.add_special_tokens(
             {"additional_special_tokens": [REWARD_TOKEN]}, replace_extra_special_tokens=False
         )
-        pixels = {
-            name: value
-            for name, value in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels))
-            if value is not None
-        }
+        budget = {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels}
+        pixels = {name: value for name, value in budget.items() if value is not None}
         image_processor = AutoImageProcessor.from_pretrained(**source, **pixels)
         image_token_id = AutoConfig.from_pretrained(**source).image_token_id
         return cls(tokenizer, image_processor, config.instruction, image_token_id)
@@ -52,9 +48,10 @@ class SpatialScoreProcessor:
         pixel_values [patches, C*T*P*P] and image_grid_thw [B, 3]."""
         self._check(images, prompts)
         vision = self.image_processor(images=list(images), return_tensors="pt")
-        tokens_per_image = vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2
+        merged_patches = vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2
         texts = [
-            self._chat_text(prompt, int(count)) for prompt, count in zip(prompts, tokens_per_image)
+            self._chat_text(prompt, count)
+            for prompt, count in zip(prompts, merged_patches.tolist(), strict=True)
         ]
         text = self.tokenizer(texts, padding=True, return_tensors="pt")
         return BatchFeature({**text, **vision})
@@ -82,7 +79,8 @@ class SpatialScoreProcessor:
             raise ValueError("images: need at least one image")
         for index, image in enumerate(images):
             if not isinstance(image, Image.Image):
-                raise ValueError(f"images[{index}]: expected a PIL image, got {type(image).__name__}")
+                kind = type(image).__name__
+                raise ValueError(f"images[{index}]: expected a PIL image, got {kind}")
             if image.width == 0 or image.height == 0:
                 raise ValueError(f"images[{index}]: zero-size image ({image.width}x{image.height})")
         for index, prompt in enumerate(prompts):

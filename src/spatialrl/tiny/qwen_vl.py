@@ -110,7 +110,9 @@ def learn_merges(sequences: list[tuple[str, ...]]) -> list[tuple[str, str]]:
     ties in hash order), run until every sequence is a single symbol."""
     merges = []
     while True:
-        pairs = Counter(pair for symbols in sequences for pair in zip(symbols, symbols[1:]))
+        pairs = Counter(
+            pair for symbols in sequences for pair in zip(symbols, symbols[1:], strict=False)
+        )
         if not pairs:
             return merges
         best = min(pairs, key=lambda pair: (-pairs[pair], pair))
