@@ -66,7 +66,8 @@ def test_tokenizers_know_the_shapes_world_words_and_survive_unknown_text(tiny_fl
 
 def test_64px_sampling_is_cheap(tiny_flux):
     tiny_flux(["a red circle"], height=64, width=64, num_inference_steps=8, max_sequence_length=32)
-    start = time.perf_counter()
+    # CPU time, not wall time: other processes sharing the cores must not fail this test.
+    start = time.process_time()
     images = tiny_flux(
         ["a red circle to the left of a blue square"] * 4,
         generator=torch.Generator().manual_seed(0),
@@ -76,9 +77,9 @@ def test_64px_sampling_is_cheap(tiny_flux):
         max_sequence_length=32,
         output_type="np",
     ).images
-    per_image = (time.perf_counter() - start) / 4
+    per_image = (time.process_time() - start) / 4
     assert images.shape == (4, 64, 64, 3) and images.std() > 0.01
-    assert per_image < 0.5
+    assert per_image < 1.0  # about 0.05 s on 2 idle cores
 
 
 def test_command_writes_then_skips_unless_forced(tmp_path):
