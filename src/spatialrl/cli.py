@@ -14,6 +14,7 @@ from spatialrl.config import ConfigError
 COMMAND_MODULES = [
     "spatialrl.commands.tiny_models",
     "spatialrl.commands.data",
+    "spatialrl.commands.train",
 ]
 
 

@@ -77,7 +77,7 @@ class InProcessTrainer:
             self.transformer.train()
             learn = grpo_update(
                 self.transformer, batch.trajectory.to(self.device), batch.advantages,
-                cfg.grpo, cfg.sampling, cfg.optim, self.optimization, self.generator,
+                cfg.grpo, cfg.optim, self.optimization, self.generator,
             )
             self.transformer.eval()
             metrics.update({f"learn/{k}": v for k, v in learn.items()})

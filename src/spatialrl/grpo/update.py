@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from spatialrl.config import GRPOConfig, OptimConfig, SamplingConfig
+from spatialrl.config import GRPOConfig, OptimConfig
 from spatialrl.flux.lora import reference_policy
 from spatialrl.flux.sampler import Trajectory, step_distribution
 from spatialrl.flux.sde import gaussian_kl, gaussian_log_prob
@@ -55,17 +55,15 @@ def step_terms(
     advantages: torch.Tensor,
     step_index: int,
     grpo: GRPOConfig,
-    sampling: SamplingConfig,
 ) -> SurrogateTerms:
     """Surrogate loss of one denoising step, for every trajectory in `batch`."""
-    new = step_distribution(transformer, batch, step_index, sampling.noise_level, sampling.sde_type)
+    # The record carries the noise level and SDE type it was sampled with.
+    new = step_distribution(transformer, batch, step_index)
     log_prob = gaussian_log_prob(batch.states[:, step_index + 1], new.mean, new.std)
     kl = None
     if grpo.kl_beta > 0:
         with torch.no_grad(), reference_policy(transformer):
-            ref = step_distribution(
-                transformer, batch, step_index, sampling.noise_level, sampling.sde_type
-            )
+            ref = step_distribution(transformer, batch, step_index)
         kl = gaussian_kl(new.mean, ref.mean, new.std)
     return clipped_surrogate(
         log_prob, batch.log_probs[:, step_index], advantages, grpo.clip_range, kl, grpo.kl_beta
@@ -77,7 +75,6 @@ def grpo_update(
     trajectories: Trajectory,
     advantages: torch.Tensor,
     grpo: GRPOConfig,
-    sampling: SamplingConfig,
     optim: OptimConfig,
     optimization: Optimization,
     generator: torch.Generator,
@@ -94,7 +91,7 @@ def grpo_update(
             chunk_adv = advantages[chunk]
             steps = sample_train_steps(batch.sde_mask, grpo.timestep_fraction, generator)
             for step_index in steps:
-                terms = step_terms(transformer, batch, chunk_adv, step_index, grpo, sampling)
+                terms = step_terms(transformer, batch, chunk_adv, step_index, grpo)
                 optimization.backward(terms.loss / len(steps))
                 for name in ("policy_loss", "kl", "clip_fraction", "approx_kl", "ratio_mean"):
                     sums[name] += float(getattr(terms, name))
