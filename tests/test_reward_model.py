@@ -237,6 +237,7 @@ def test_checkpoint_round_trip(make_model, tmp_path, tiny_qwen_path, train_visio
     )
     adapter = load_file(folder / ADAPTER_FILE)
     assert any(".visual." in name for name in adapter) == train_vision_tower
+    assert all(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name)
 
     loaded = SpatialScore.from_pretrained(folder)
     assert not loaded.training
