@@ -133,6 +133,15 @@ class MlflowConfig(Section):
     run_name: str | None = None
 
 
+class LearnerConfig(Section):
+    """The Ray trainer's DeepSpeed learner group: one worker per rank."""
+
+    num_workers: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    gpus_per_worker: float = Field(1.0, ge=0, description="0 on CPU machines")
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
 class TrainConfig(Section):
     seed: int = 0
     iterations: int = Field(100, ge=1)
@@ -145,6 +154,7 @@ class TrainConfig(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)

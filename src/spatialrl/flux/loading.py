@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from spatialrl.config import PolicyModelConfig
 
@@ -41,11 +41,27 @@ def load_flux_pipeline(cfg: PolicyModelConfig, device: str | torch.device = "cpu
     return pipeline
 
 
-def set_attention_backend(pipeline: FluxPipeline, backend: str) -> None:
+def load_flux_transformer(
+    cfg: PolicyModelConfig, device: str | torch.device = "cpu"
+) -> FluxTransformer2DModel:
+    """Only the pipeline's transformer, as load_flux_pipeline sets it up: what a learner needs
+    to re-evaluate recorded trajectories, without text encoders or VAE."""
+    transformer = FluxTransformer2DModel.from_pretrained(
+        _resolve_source(cfg.pretrained), subfolder="transformer", revision=cfg.revision,
+        torch_dtype=DTYPES[cfg.dtype],
+    ).to(device)
+    transformer.eval()
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    set_attention_backend(transformer, cfg.attention_backend)
+    return transformer
+
+
+def set_attention_backend(model: FluxPipeline | FluxTransformer2DModel, backend: str) -> None:
     """Select the transformer's attention kernel through diffusers' attention dispatcher:
     "native" is torch SDPA, "xformers" and "flash" need their packages (GPU only)."""
     try:
-        pipeline.transformer.set_attention_backend(backend)
+        getattr(model, "transformer", model).set_attention_backend(backend)
     except RuntimeError as err:  # diffusers' check that the backend's package is importable
         raise ImportError(
             f"model.attention_backend={backend!r} cannot be used here: {err} "
