@@ -9,8 +9,6 @@ offline from a word list that covers shapes-world prompts: words outside it stil
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections import Counter
 from itertools import pairwise
 from pathlib import Path
@@ -31,6 +29,8 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+
+from spatialrl.tiny import save_atomically
 
 VOCABULARY_WORDS = """
 a an the one two three four five six some of to and or with on in at by is are it its this that
@@ -60,14 +60,7 @@ def write_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipeline = build_tiny_flux()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private to this user
-    pipeline.save_pretrained(staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return out_dir
+    return save_atomically(out_dir, [pipeline])
 
 
 def build_tiny_flux() -> FluxPipeline:

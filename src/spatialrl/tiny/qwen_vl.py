@@ -16,8 +16,6 @@ that have torchvision, as it does for the hub repo.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
+from spatialrl.tiny import save_atomically
 from spatialrl.tiny.flux import VOCABULARY_WORDS, merge_pair
 
 # Words of the chat template and of the reward instruction, beside the shapes-world ones.
@@ -79,15 +78,7 @@ def write_tiny_qwen_vl(out_dir: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_tiny_model(tokenizer)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private to this user
-    for part in (model, tokenizer, image_processor):
-        part.save_pretrained(staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return out_dir
+    return save_atomically(out_dir, [model, tokenizer, image_processor])
 
 
 def qwen2_tokenizer() -> Qwen2Tokenizer:
