@@ -137,7 +137,7 @@ class LearnerConfig(Section):
     """The Ray trainer's DeepSpeed learner group: one worker per rank."""
 
     num_workers: int = Field(1, ge=1)
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[1, 2, 3] = 2  # 0 is not offered: it reports no global grad norm
     gpus_per_worker: float = Field(1.0, ge=0, description="0 on CPU machines")
     cpus_per_worker: float = Field(1.0, gt=0)
 

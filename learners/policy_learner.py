@@ -1,0 +1,283 @@
+"""The DeepSpeed learner group: N Ray actors, one torch.distributed rank each, each running the
+core's grpo_update on its shard of a train batch; the driver holds a LearnerGroup.
+
+Shards: the driver shuffles the K kept samples and cuts them into N contiguous shards of
+floor(K / N); the K mod N left over are not trained on in that update (reported as
+`dropped_samples`). Equal shards give every rank the same number of micro-batches, so every
+rank runs the same sequence of collectives (ZeRO reduces gradients inside each backward).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import deepspeed
+import ray
+import torch
+import torch.distributed as dist
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from spatialrl.config import PolicyModelConfig, TrainConfig
+from spatialrl.flux.loading import load_flux_transformer
+from spatialrl.flux.lora import add_lora, lora_checksum, lora_state_dict, save_lora
+from spatialrl.flux.sampler import Trajectory
+from spatialrl.grpo.loss import sample_train_steps
+from spatialrl.grpo.update import grpo_update
+from spatialrl.inprocess import resolve_device
+from spatialrl.train_batch import TrainBatch
+
+CHECKPOINT_TAG = "learner"
+SHUFFLE_STREAM = -1  # update_generator stream of the driver's shard shuffle; ranks use >= 0
+
+
+def update_generator(seed: int, version: int, stream: int) -> torch.Generator:
+    """The randomness of one update (shuffles, trained timesteps) as a function of the run seed,
+    the policy version it produces from and the rank: a restored checkpoint replays it."""
+    return torch.Generator().manual_seed(hash((seed, version, stream)) & (2**63 - 1))
+
+
+class DeepSpeedOptimization:
+    """spatialrl.grpo.update.Optimization over a DeepSpeed engine.
+
+    grpo_update calls backward once per trained timestep, with the loss already divided by their
+    number, then step once per micro-batch. The engine's gradient_accumulation_steps is that
+    number, so DeepSpeed's accumulation boundary is the end of a micro-batch: backward skips
+    DeepSpeed's own 1/gas scaling and advances its micro-step counter between timesteps, and
+    step() takes the optimiser step at the boundary.
+    """
+
+    def __init__(self, engine: deepspeed.DeepSpeedEngine):
+        self.engine = engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only counts the micro-step: nothing is applied
+
+    def step(self) -> float:
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                "a micro-batch ended before gradient_accumulation_steps backward passes: "
+                "the engine's accumulation does not match the trained timesteps"
+            )
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm())
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+
+def set_timesteps_per_micro_batch(engine: deepspeed.DeepSpeedEngine, timesteps: int) -> None:
+    engine.set_train_batch_size(
+        engine.train_micro_batch_size_per_gpu() * engine.dp_world_size * timesteps
+    )
+
+
+def learner_model_config(cfg: TrainConfig, device: str) -> PolicyModelConfig:
+    """bf16 weights (DeepSpeed keeps fp32 master weights) on GPU when the policy runs in bf16;
+    fp32 otherwise: CPU training is fp32, and fp16 would need loss scaling."""
+    bf16 = device.startswith("cuda") and cfg.model.dtype == "bfloat16"
+    return cfg.model.model_copy(update={"dtype": "bfloat16" if bf16 else "float32"})
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size,
+        "gradient_accumulation_steps": 1,  # set per update to the trained timesteps
+        "gradient_clipping": cfg.optim.max_grad_norm,
+        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # a client torch AdamW: no CPU-Adam op to build
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [param for name, param in module.named_parameters() if "lora_" in name]
+
+
+@ray.remote
+class PolicyLearner:
+    """One rank: the FLUX transformer (LoRA or full) inside a DeepSpeed engine."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.device = resolve_device(cfg.device)
+
+    def master_address(self) -> tuple[str, int]:
+        """This node's address and a free port, for rank 0 to host the process group."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the process group (blocks until every rank has) and build the engine."""
+        cfg = self.cfg
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(0)  # Ray shows each worker only its own GPU(s)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank, world_size=self.world_size,
+        )
+        model_cfg = learner_model_config(cfg, self.device)
+        transformer = load_flux_transformer(model_cfg, self.device)
+        if cfg.lora.enabled:
+            torch.manual_seed(cfg.seed)  # the same initial adapter as the rollout actors
+            add_lora(transformer, cfg.lora)
+        optimizer = torch.optim.AdamW(
+            [p for p in transformer.parameters() if p.requires_grad], lr=cfg.optim.lr,
+            betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
+        )
+        self.engine, *_ = deepspeed.initialize(
+            model=transformer, optimizer=optimizer,
+            config=deepspeed_config(cfg, bf16=model_cfg.dtype == "bfloat16"),
+        )
+        self.optimization = DeepSpeedOptimization(self.engine)
+
+    def update(
+        self, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+        advantages: torch.Tensor, version: int,
+    ) -> dict[str, float]:
+        """grpo_update on this rank's shard; `version` is the policy version trained from."""
+        cfg = self.cfg
+        trajectory = Trajectory.from_tensors(tensors, metadata).to(self.device)
+        # The core draws the timesteps; only their count is needed here, for the accumulation.
+        timesteps = len(sample_train_steps(
+            trajectory.sde_mask.cpu(), cfg.grpo.timestep_fraction, torch.Generator()))
+        set_timesteps_per_micro_batch(self.engine, timesteps)
+        module = self.engine.module
+        module.train()
+        try:
+            return grpo_update(
+                module, trajectory, advantages, cfg.grpo, cfg.optim, self.optimization,
+                update_generator(cfg.seed, version, self.rank),
+            )
+        finally:
+            module.eval()
+
+    @ray.method(num_returns=2)
+    def policy_state(self) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """(the LoRA weights on rank 0, None elsewhere; their checksum on every rank).
+
+        Every rank must call this: under ZeRO-3 the gather is a collective."""
+        if not self.cfg.lora.enabled:
+            raise NotImplementedError(
+                "publishing full weights needs the collective weight broadcast, not built yet"
+            )
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(lora_parameters(module)):
+            state = lora_state_dict(module)
+        return (state if self.rank == 0 else None), lora_checksum(state)
+
+    def save_checkpoint(self, path: str, version: int) -> None:
+        """The engine's checkpoint (optimiser state; only trainable weights with LoRA) on every
+        rank, and on rank 0 the adapter in diffusers' format under path/lora."""
+        lora = self.cfg.lora.enabled
+        self.engine.save_checkpoint(
+            path, tag=CHECKPOINT_TAG, client_state={"version": version},
+            exclude_frozen_parameters=lora,
+        )
+        if lora:
+            module = self.engine.module
+            with deepspeed.zero.GatheredParameters(lora_parameters(module)):
+                if self.rank == 0:
+                    save_lora(module, Path(path) / "lora")
+        dist.barrier()  # the checkpoint is complete when any rank returns
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore weights and optimiser state; returns the saved policy version."""
+        _, client_state = self.engine.load_checkpoint(
+            path, tag=CHECKPOINT_TAG, load_module_strict=not self.cfg.lora.enabled,
+            load_lr_scheduler_states=False,
+        )
+        if client_state is None:
+            raise FileNotFoundError(f"no learner checkpoint at {path}")
+        return int(client_state["version"])
+
+
+class LearnerGroup:
+    """Driver side of the learner: N PolicyLearner ranks in one placement group."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.version = 0  # policy version = number of updates applied
+        spec = cfg.learner
+        bundle = {"CPU": spec.cpus_per_worker}
+        if spec.gpus_per_worker:
+            bundle["GPU"] = spec.gpus_per_worker
+        self.placement_group = placement_group([bundle] * spec.num_workers, strategy="PACK")
+        ray.get(self.placement_group.ready())
+        # CPU workers must not let DeepSpeed probe for an accelerator.
+        env = {} if spec.gpus_per_worker else {"DS_ACCELERATOR": "cpu"}
+        self.workers = [
+            PolicyLearner.options(
+                num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker,
+                runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=rank),
+            ).remote(cfg, rank, spec.num_workers)
+            for rank in range(spec.num_workers)
+        ]
+        try:
+            addr, port = ray.get(self.workers[0].master_address.remote())
+            ray.get([worker.setup.remote(addr, port) for worker in self.workers])
+        except Exception:
+            self.shutdown()
+            raise
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """One grpo_update across the ranks; metrics averaged over ranks."""
+        num_workers = len(self.workers)
+        shard_size = len(batch.trajectory) // num_workers
+        if shard_size == 0:
+            raise ValueError(
+                f"{len(batch.trajectory)} kept samples cannot be shared by {num_workers} workers"
+            )
+        order = torch.randperm(
+            len(batch.trajectory), generator=update_generator(self.cfg.seed, self.version,
+                                                              SHUFFLE_STREAM))
+        pending = []
+        for rank, worker in enumerate(self.workers):
+            shard = order[rank * shard_size : (rank + 1) * shard_size]
+            tensors, metadata = batch.trajectory.select(shard).to("cpu").to_tensors()
+            pending.append(worker.update.remote(
+                tensors, metadata, batch.advantages[shard].cpu(), self.version))
+        per_rank = ray.get(pending)
+        self.version += 1
+        metrics = {name: sum(m[name] for m in per_rank) / num_workers for name in per_rank[0]}
+        metrics["dropped_samples"] = float(len(batch.trajectory) - shard_size * num_workers)
+        return metrics
+
+    def publish(self) -> tuple[int, ray.ObjectRef, str]:
+        """(version, ObjectRef of the LoRA state dict, its checksum). The state is rank 0's
+        return value, kept in the object store and owned by the driver; the ranks' checksums
+        must agree."""
+        refs = [worker.policy_state.remote() for worker in self.workers]
+        checksums = ray.get([checksum for _, checksum in refs])
+        if len(set(checksums)) != 1:
+            raise RuntimeError(f"learner ranks hold different weights: {checksums}")
+        return self.version, refs[0][0], checksums[0]
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Every rank writes its part: `path` must be storage that all learner nodes share."""
+        ray.get([worker.save_checkpoint.remote(str(path), self.version)
+                 for worker in self.workers])
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        versions = ray.get([worker.load_checkpoint.remote(str(path)) for worker in self.workers])
+        self.version = versions[0]
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        remove_placement_group(self.placement_group)
