@@ -44,7 +44,7 @@ def shapes_rule(images: list[Image.Image], prompts: list[str]) -> RewardOutput:
     """Fraction of the prompt's relations that the shapes-world evaluator reads back."""
     from spatialrl.data.evaluate import relation_accuracy
 
-    return deterministic([relation_accuracy(im, p) for im, p in zip(images, prompts)])
+    return deterministic([relation_accuracy(im, p) for im, p in zip(images, prompts, strict=True)])
 
 
 def spatialscore(path: str, device: str = "cpu") -> RewardFn:

@@ -56,7 +56,7 @@ def sample_groups(
         images.extend(batch_images)
     everything = Trajectory.concat(parts)
     groups = []
-    for n, (prompt, gid) in enumerate(zip(prompts, group_ids)):
+    for n, (prompt, gid) in enumerate(zip(prompts, group_ids, strict=True)):
         members = torch.arange(n * group_size, (n + 1) * group_size)
         groups.append(
             RolloutGroup(
