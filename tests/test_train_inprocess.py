@@ -60,3 +60,27 @@ def test_two_iterations_log_metrics_ledger_and_a_loadable_lora(tmp_path, tiny_fl
             generator=torch.Generator().manual_seed(3), **kwargs).images,
         theirs, atol=1e-6,
     ), "training should have moved the policy away from the base model"
+
+
+def test_a_nan_reward_drops_its_group_and_the_ledger_keeps_every_row(tmp_path, tiny_flux_path):
+    from spatialrl.flux.loading import load_flux_pipeline
+    from spatialrl.rollout import sample_groups
+    from spatialrl.train_batch import ScoredGroup, build_train_batch
+
+    cfg = tiny_config(tmp_path, tiny_flux_path)
+    pipeline = load_flux_pipeline(cfg.model)
+    groups = sample_groups(pipeline, ["a red circle above a blue square", "a green star"],
+                           [10, 11], iteration=0, version=3, run_seed=0, group_size=4,
+                           cfg=cfg.sampling)
+    good = torch.tensor([0.1, 0.4, 0.2, 0.9])
+    bad = torch.tensor([0.5, float("nan"), 0.1, 0.2])
+    batch = build_train_batch(
+        [ScoredGroup(groups[0], good, torch.zeros(4)), ScoredGroup(groups[1], bad, torch.zeros(4))],
+        cfg.grpo,
+    )
+    assert batch.metrics["filter/dropped_nonfinite_groups"] == 1.0
+    assert len(batch.trajectory) == 2  # top_k=1: best and worst of the finite group
+    assert set(batch.trajectory.prompts) == {"a red circle above a blue square"}
+    assert batch.versions.tolist() == [3, 3]
+    assert len(batch.ledger) == 8 and not any(r["kept"] for r in batch.ledger if r["group_id"] == 11)
+    assert batch.advantages.sign().tolist() == [-1.0, 1.0]  # reward 0.1 then 0.9, in order
