@@ -24,11 +24,14 @@ PROMPTS = ["a red circle left of a blue square", "a green triangle above a yello
 
 def tiny_config(tiny_flux_path, *extra):
     # 2 prompts x G=4, top_k=1: 4 kept samples; micro-batches of 2; 2 of 4 SDE steps trained,
-    # so DeepSpeed accumulates over 2 backward passes per micro-batch.
+    # so DeepSpeed accumulates over 2 backward passes per micro-batch. Pinned here, not
+    # taken from local.yaml, since the assertions count on them; kl_beta > 0 runs the KL path.
     return load_config("configs/local.yaml", [
         f"model.pretrained={tiny_flux_path}", "grpo.group_size=4", "grpo.top_k=1",
-        "sampling.num_steps=4", "optim.micro_batch_size=2", "learner.num_workers=2",
-        "learner.gpus_per_worker=0", "learner.cpus_per_worker=0.5", *extra,
+        "sampling.num_steps=4", "grpo.timestep_fraction=0.5", "grpo.kl_beta=0.004",
+        "grpo.clip_range=1e-3", "optim.lr=1e-3", "optim.updates_per_iteration=1",
+        "optim.micro_batch_size=2", "learner.num_workers=2", "learner.gpus_per_worker=0",
+        "learner.cpus_per_worker=0.5", *extra,
     ])
 
 
@@ -98,6 +101,7 @@ def test_deepspeed_update_equals_torch_update(learner_group, train_batch, tiny_f
     torch_state = lora_state_dict(transformer)
 
     assert ds_metrics["optimizer_steps"] == torch_metrics["optimizer_steps"] == 2
+    assert torch_metrics["kl"] > 0  # the second micro-batch sees a moved adapter
     for name in ("policy_loss", "kl", "grad_norm", "clip_fraction"):
         assert ds_metrics[name] == pytest.approx(torch_metrics[name], rel=1e-4, abs=1e-7), name
     assert deepspeed_state.keys() == torch_state.keys()

@@ -20,8 +20,8 @@ PROMPTS = ["a red circle left of a blue square", "a green triangle above a yello
 def tiny_config(tiny_flux_path):
     return load_config("configs/local.yaml", [
         f"model.pretrained={tiny_flux_path}", "grpo.group_size=4", "grpo.top_k=1",
-        "sampling.num_steps=4", "optim.micro_batch_size=2", "learner.num_workers=1",
-        "learner.gpus_per_worker=0", "learner.cpus_per_worker=0.5",
+        "sampling.num_steps=4", "optim.micro_batch_size=2", "optim.updates_per_iteration=1",
+        "learner.num_workers=1", "learner.gpus_per_worker=0", "learner.cpus_per_worker=0.5",
     ])
 
 
@@ -87,7 +87,8 @@ def test_published_weights_reach_the_rollout_actor(make_actor, tiny_flux_path):
     assert after["version"] == 1
     assert not torch.equal(states(after), states(before[0])), "the new policy samples differently"
 
-    state = ray.get(state_ref)
+    # Different values, one key short: a partial copy would show in the samples.
+    state = {name: 2 * tensor for name, tensor in ray.get(state_ref).items()}
     del state[next(iter(state))]
     with pytest.raises(ValueError, match="missing"):
         ray.get(actor.load_weights.remote(2, state))
