@@ -60,15 +60,22 @@ def learner_group(request, tiny_flux_path, local_ray):
     group.shutdown()
 
 
+# ZeRO-3 partitions the weights: publishing must gather them on every rank.
+@pytest.mark.parametrize("learner_group", [[], ["learner.zero_stage=3"]], indirect=True,
+                         ids=["zero2", "zero3"])
 def test_two_ranks_apply_one_update_identically(learner_group, train_batch):
-    _, _, before = learner_group.publish()
+    _, initial_ref, before = learner_group.publish()
+    shapes = {name: tensor.shape for name, tensor in ray.get(initial_ref).items()}
     metrics = learner_group.update(train_batch)
 
     per_rank = ray.get([worker.policy_state.remote()[1] for worker in learner_group.workers])
     assert per_rank[0] == per_rank[1], "ranks must hold identical LoRA weights"
     version, state_ref, published = learner_group.publish()
     assert version == 1 and published == per_rank[0] != before
-    assert lora_checksum(ray.get(state_ref)) == published
+    state = ray.get(state_ref)
+    assert lora_checksum(state) == published
+    assert {name: tensor.shape for name, tensor in state.items()} == shapes
+    assert all(shape.numel() > 0 for shape in shapes.values())
     for name in ("policy_loss", "kl", "grad_norm", "clip_fraction"):
         assert math.isfinite(metrics[name]), name
     assert metrics["grad_norm"] > 0 and metrics["dropped_samples"] == 0

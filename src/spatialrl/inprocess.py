@@ -41,6 +41,7 @@ class InProcessTrainer:
         self.output_dir = Path(cfg.output_dir)
         self.pipeline = load_flux_pipeline(cfg.model, self.device)
         self.transformer = self.pipeline.transformer
+        torch.manual_seed(cfg.seed)  # LoRA's initialisation draws from the global generator
         add_lora(self.transformer, cfg.lora)
         trainable = [p for p in self.transformer.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
