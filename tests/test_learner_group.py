@@ -82,7 +82,11 @@ def test_two_ranks_apply_one_update_identically(learner_group, train_batch):
     assert metrics["optimizer_steps"] == 1  # 2 samples per rank = one micro-batch
 
 
-@pytest.mark.parametrize("learner_group", [["learner.num_workers=1"]], indirect=True)
+@pytest.mark.parametrize(
+    "learner_group",
+    [["learner.num_workers=1"], ["learner.num_workers=1", "model.gradient_checkpointing=true"]],
+    indirect=True, ids=["plain", "gradient_checkpointing"],
+)
 def test_deepspeed_update_equals_torch_update(learner_group, train_batch, tiny_flux_path):
     cfg = learner_group.cfg
     ds_metrics = learner_group.update(train_batch)
