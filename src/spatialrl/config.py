@@ -120,11 +120,42 @@ class PromptsConfig(Section):
     num_eval_prompts: int = Field(16, ge=1)
 
 
+class AutoscalingConfig(Section):
+    """Ray Serve replica autoscaling for the reward deployment."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas: {self.min_replicas} is above max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class RewardServingConfig(Section):
+    """How reward replicas run on the cluster: dynamic batching, replicas, placement."""
+
+    replicas: int = Field(1, ge=1, description="fixed replica count when autoscaling is unset")
+    autoscaling: AutoscalingConfig | None = None
+    max_batch_size: int = Field(32, ge=1, description="images per batched reward call")
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    gpus_per_replica: float = Field(1.0, ge=0, description="0 on CPU machines")
+    cpus_per_replica: float = Field(1.0, gt=0)
+    # Ray custom resources each replica asks for, e.g. {reward_node: 0.01}, so that it lands
+    # on the node type that offers them (see cluster/).
+    custom_resources: dict[str, float] = Field(default_factory=dict)
+
+
 class RewardConfig(Section):
     # "shapes_rule" | "spatialscore" | "brightness_left" | weighted sums (see spatialrl.rewards)
     kind: str = "spatialscore"
     spatialscore_path: str | None = None
     weights: dict[str, float] = Field(default_factory=dict)
+    serving: RewardServingConfig = Field(default_factory=RewardServingConfig)
 
 
 class MlflowConfig(Section):
@@ -140,6 +171,23 @@ class LearnerConfig(Section):
     zero_stage: Literal[1, 2, 3] = 2  # 0 is not offered: it reports no global grad norm
     gpus_per_worker: float = Field(1.0, ge=0, description="0 on CPU machines")
     cpus_per_worker: float = Field(1.0, gt=0)
+    custom_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources per worker, e.g. {learner_node: 1}"
+    )
+
+
+class RolloutConfig(Section):
+    """The Ray trainer's rollout actors and the asynchronous loop around them."""
+
+    num_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(1.0, ge=0, description="0 on CPU machines")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    custom_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources per actor, e.g. {rollout_node: 1}"
+    )
+    # Staleness of a sample = learner version at train time - version that sampled it.
+    # Older samples are dropped and counted; 0 is the synchronous on-policy loop.
+    max_staleness: int = Field(1, ge=0)
 
 
 class TrainConfig(Section):
@@ -155,6 +203,7 @@ class TrainConfig(Section):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
