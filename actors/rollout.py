@@ -6,12 +6,15 @@ classes); unpack_group turns one back into the core's RolloutGroup on the driver
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import ray
 import torch
 from PIL import Image
 
 from spatialrl.config import TrainConfig
+from spatialrl.evaluation import sample_eval_images
 from spatialrl.flux.loading import load_flux_pipeline
 from spatialrl.flux.lora import add_lora, load_lora_state_dict, lora_checksum, lora_state_dict
 from spatialrl.flux.sampler import Trajectory
@@ -19,7 +22,13 @@ from spatialrl.inprocess import resolve_device
 from spatialrl.rollout import RolloutGroup, sample_groups
 
 
-def pack_group(group: RolloutGroup) -> dict:
+def images_to_array(images: list[Image.Image]) -> np.ndarray:
+    """[N, H, W, 3] uint8: how images cross process boundaries."""
+    return np.stack([np.asarray(image.convert("RGB")) for image in images])
+
+
+def pack_group(group: RolloutGroup, rollout_seconds: float = 0.0) -> dict:
+    """`rollout_seconds`: this group's share of the actor time spent sampling it."""
     tensors, metadata = group.trajectory.to("cpu").to_tensors()
     return {
         "prompt": group.prompt,
@@ -28,7 +37,8 @@ def pack_group(group: RolloutGroup) -> dict:
         "version": group.version,
         "tensors": tensors,
         "metadata": metadata,
-        "images": np.stack([np.asarray(image.convert("RGB")) for image in group.images]),
+        "images": images_to_array(group.images),
+        "rollout_seconds": rollout_seconds,
     }
 
 
@@ -62,11 +72,24 @@ class RolloutActor:
         """group_size samples per prompt, seeded by (run seed, iteration, prompt, index) only;
         packed with pack_group and tagged with the version that sampled them."""
         cfg = self.cfg
+        start = time.perf_counter()
         groups = sample_groups(
             self.pipeline, prompts, group_ids, iteration, self._version, cfg.seed,
             cfg.grpo.group_size, cfg.sampling,
         )
-        return [pack_group(group) for group in groups]
+        share = (time.perf_counter() - start) / len(groups)
+        return [pack_group(group, share) for group in groups]
+
+    def evaluate(self, prompts: list[str], expected_version: int) -> np.ndarray:
+        """Deterministic ODE samples of the evaluation prompts, as a uint8 array. The caller
+        names the version it evaluates: calls run in order, so weights published before this
+        call are in place, and anything else is an error."""
+        if self._version != expected_version:
+            raise RuntimeError(
+                f"evaluation of version {expected_version} reached an actor at {self._version}"
+            )
+        images = sample_eval_images(self.pipeline, prompts, self.cfg.sampling, self.cfg.seed)
+        return images_to_array(images)
 
     def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> str:
         """Sample with `state` from now on; returns the checksum of the adapter now in use, for

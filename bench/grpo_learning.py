@@ -24,7 +24,6 @@ from spatialrl.config import load_config
 from spatialrl.inprocess import InProcessTrainer
 
 
-
 def run(iterations: int, eval_every: int, workdir: Path) -> dict:
     """configs/local.yaml with the brightness reward, in a scratch folder."""
     models = write_tiny_models(workdir / "tiny-models")

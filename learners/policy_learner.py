@@ -17,9 +17,9 @@ import deepspeed
 import ray
 import torch
 import torch.distributed as dist
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 
+from spatialrl.actors.placement import in_bundle, reserve
 from spatialrl.config import PolicyModelConfig, TrainConfig
 from spatialrl.flux.loading import load_flux_transformer
 from spatialrl.flux.lora import add_lora, lora_checksum, lora_state_dict, save_lora
@@ -27,6 +27,7 @@ from spatialrl.flux.sampler import Trajectory
 from spatialrl.grpo.loss import sample_train_steps
 from spatialrl.grpo.update import grpo_update
 from spatialrl.inprocess import resolve_device
+from spatialrl.placement import role_bundles
 from spatialrl.train_batch import TrainBatch
 
 CHECKPOINT_TAG = "learner"
@@ -211,22 +212,16 @@ class LearnerGroup:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.version = 0  # policy version = number of updates applied
-        spec = cfg.learner
-        bundle = {"CPU": spec.cpus_per_worker}
-        if spec.gpus_per_worker:
-            bundle["GPU"] = spec.gpus_per_worker
-        self.placement_group = placement_group([bundle] * spec.num_workers, strategy="PACK")
-        ray.get(self.placement_group.ready())
+        bundles = role_bundles(cfg)["learner"]
+        self.placement_group = reserve("learner", bundles, cfg.cluster.placement_timeout_s)
         # CPU workers must not let DeepSpeed probe for an accelerator.
-        env = {} if spec.gpus_per_worker else {"DS_ACCELERATOR": "cpu"}
+        env = {} if cfg.learner.gpus_per_worker else {"DS_ACCELERATOR": "cpu"}
         self.workers = [
             PolicyLearner.options(
-                num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker,
                 runtime_env={"env_vars": env},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=rank),
-            ).remote(cfg, rank, spec.num_workers)
-            for rank in range(spec.num_workers)
+                **in_bundle(self.placement_group, rank, one),
+            ).remote(cfg, rank, len(bundles))
+            for rank, one in enumerate(bundles)
         ]
         try:
             addr, port = ray.get(self.workers[0].master_address.remote())

@@ -7,12 +7,12 @@ import ray
 import torch
 from diffusers import FluxPipeline
 from peft.utils import get_peft_model_state_dict
-from spatialrl.learners.policy_learner import SHUFFLE_STREAM, LearnerGroup, update_generator
 
 from spatialrl.config import load_config
 from spatialrl.flux.loading import load_flux_pipeline, load_flux_transformer
 from spatialrl.flux.lora import add_lora, lora_checksum, lora_state_dict
 from spatialrl.grpo.update import TorchOptimization, grpo_update
+from spatialrl.learners.policy_learner import SHUFFLE_STREAM, LearnerGroup, update_generator
 from spatialrl.rewards import build_reward
 from spatialrl.rollout import sample_groups
 from spatialrl.train_batch import build_train_batch, score_groups

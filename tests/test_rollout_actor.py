@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import ray
 import torch
-from spatialrl.actors.rollout import RolloutActor, unpack_group
-from spatialrl.learners.policy_learner import LearnerGroup
 
+from spatialrl.actors.rollout import RolloutActor, unpack_group
 from spatialrl.config import load_config
+from spatialrl.learners.policy_learner import LearnerGroup
 from spatialrl.rewards import build_reward
 from spatialrl.train_batch import build_train_batch, score_groups
 

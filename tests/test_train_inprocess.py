@@ -82,5 +82,6 @@ def test_a_nan_reward_drops_its_group_and_the_ledger_keeps_every_row(tmp_path, t
     assert len(batch.trajectory) == 2  # top_k=1: best and worst of the finite group
     assert set(batch.trajectory.prompts) == {"a red circle above a blue square"}
     assert batch.versions.tolist() == [3, 3]
-    assert len(batch.ledger) == 8 and not any(r["kept"] for r in batch.ledger if r["group_id"] == 11)
+    assert len(batch.ledger) == 8
+    assert not any(r["kept"] for r in batch.ledger if r["group_id"] == 11)
     assert batch.advantages.sign().tolist() == [-1.0, 1.0]  # reward 0.1 then 0.9, in order

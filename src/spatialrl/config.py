@@ -190,6 +190,19 @@ class RolloutConfig(Section):
     max_staleness: int = Field(1, ge=0)
 
 
+class ClusterConfig(Section):
+    """Where the Ray trainer runs."""
+
+    # None: the cluster `ray job submit` (RAY_ADDRESS) points at, else a fresh local instance.
+    address: str | None = None
+    # False: a config needing more than the cluster has fails at once, naming what is short.
+    # True: wait for an autoscaler to add nodes, up to placement_timeout_s.
+    wait_for_autoscaler: bool = False
+    placement_timeout_s: float = Field(900.0, gt=0)
+    # Restarts allowed per rollout actor before the run fails.
+    max_actor_restarts: int = Field(3, ge=0)
+
+
 class TrainConfig(Section):
     seed: int = 0
     iterations: int = Field(100, ge=1)
@@ -207,6 +220,7 @@ class TrainConfig(Section):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:

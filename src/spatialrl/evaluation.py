@@ -9,7 +9,7 @@ from PIL import Image
 
 from spatialrl.config import SamplingConfig
 from spatialrl.flux.sampler import sample
-from spatialrl.rewards import RewardFn, shapes_rule
+from spatialrl.rewards import RewardFn, RewardOutput, shapes_rule
 from spatialrl.rollout import rollout_seed
 
 
@@ -19,11 +19,11 @@ class EvalResult:
     images: list[Image.Image]
 
 
-def evaluate_policy(
-    pipeline, prompts: list[str], reward: RewardFn, cfg: SamplingConfig, seed: int,
-    shapes_world: bool,
-) -> EvalResult:
-    # Fixed seeds (iteration -1) so evaluations at different versions see the same noise.
+def sample_eval_images(
+    pipeline, prompts: list[str], cfg: SamplingConfig, seed: int
+) -> list[Image.Image]:
+    """ODE samples with fixed seeds (iteration -1), so evaluations at different versions see
+    the same noise."""
     seeds = [rollout_seed(seed, -1, p, 0) for p in prompts]
     images = []
     for start in range(0, len(prompts), cfg.batch_size):
@@ -33,10 +33,23 @@ def evaluate_policy(
             noise_level=0.0, num_steps=cfg.eval_num_steps,
         )
         images.extend(batch)
-    scores = reward(images, prompts)
+    return images
+
+
+def eval_metrics(
+    images: list[Image.Image], prompts: list[str], scores: RewardOutput, shapes_world: bool
+) -> dict[str, float]:
     metrics = {"eval/reward_mean": float(scores.mu.mean())}
     if shapes_world:
         accuracy = shapes_rule(images, prompts).mu
         metrics["eval/relation_accuracy"] = float(accuracy.mean())
         metrics["eval/all_relations_correct"] = float((accuracy == 1.0).float().mean())
-    return EvalResult(metrics, images)
+    return metrics
+
+
+def evaluate_policy(
+    pipeline, prompts: list[str], reward: RewardFn, cfg: SamplingConfig, seed: int,
+    shapes_world: bool,
+) -> EvalResult:
+    images = sample_eval_images(pipeline, prompts, cfg, seed)
+    return EvalResult(eval_metrics(images, prompts, reward(images, prompts), shapes_world), images)

@@ -46,9 +46,14 @@ class PromptSource:
 
     def take(self, count: int) -> list[tuple[int, str]]:
         """The next `count` (global index, prompt) pairs; the index doubles as a group id."""
-        taken = [(i, self._prompt_at(i)) for i in range(self.cursor, self.cursor + count)]
+        taken = self.slice(self.cursor, count)
         self.cursor += count
         return taken
+
+    def slice(self, start: int, count: int) -> list[tuple[int, str]]:
+        """(global index, prompt) pairs at positions [start, start + count), without moving the
+        cursor: iteration i of a run with P prompts per iteration reads slice(i * P, P)."""
+        return [(i, self._prompt_at(i)) for i in range(start, start + count)]
 
 
 def eval_prompts(source: str, count: int, seed: int) -> list[str]:

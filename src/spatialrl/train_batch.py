@@ -69,18 +69,22 @@ def build_train_batch(scored: list[ScoredGroup], cfg: GRPOConfig) -> TrainBatch:
     n = 0
     for s in scored:
         for i in range(len(s.mu)):
-            ledger.append(
-                {
-                    "prompt": s.group.prompt,
-                    "group_id": s.group.group_id,
-                    "iteration": s.group.iteration,
-                    "seed": int(s.group.trajectory.seeds[i]),
-                    "version": s.group.version,
-                    "mu": float(s.mu[i]),
-                    "sigma": float(s.sigma[i]),
-                    "advantage": float(adv.advantages[n]),
-                    "kept": bool(adv.kept[n]),
-                }
-            )
+            ledger.append(ledger_row(s, i, float(adv.advantages[n]), bool(adv.kept[n])))
             n += 1
     return TrainBatch(trajectory, adv.advantages[kept_index], versions[kept_index], metrics, ledger)
+
+
+def ledger_row(scored: ScoredGroup, index: int, advantage: float, kept: bool) -> dict:
+    """One sample's line in the per-sample ledger."""
+    group = scored.group
+    return {
+        "prompt": group.prompt,
+        "group_id": group.group_id,
+        "iteration": group.iteration,
+        "seed": int(group.trajectory.seeds[index]),
+        "version": group.version,
+        "mu": float(scored.mu[index]),
+        "sigma": float(scored.sigma[index]),
+        "advantage": advantage,
+        "kept": kept,
+    }

@@ -1,0 +1,35 @@
+"""Placement groups for the trainer's roles, reserved before any actor starts."""
+
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from spatialrl.placement import Bundle
+
+
+def reserve(role: str, bundles: list[Bundle], timeout_s: float, strategy: str = "PACK"
+            ) -> PlacementGroup:
+    """A ready placement group; waits up to timeout_s (for an autoscaler to add nodes)."""
+    group = placement_group(bundles, strategy=strategy, name=f"spatialrl-{role}")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise TimeoutError(
+            f"{role}: no room for {len(bundles)} x {bundles[0]} after {timeout_s:g} s "
+            f"(cluster has {ray.cluster_resources()})"
+        )
+    return group
+
+
+def in_bundle(group: PlacementGroup, index: int, one: Bundle) -> dict:
+    """Actor options that pin an actor to bundle `index` with that bundle's resources."""
+    custom = {k: v for k, v in one.items() if k not in ("CPU", "GPU")}
+    return {
+        "num_cpus": one["CPU"],
+        "num_gpus": one.get("GPU", 0),
+        "resources": custom,
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=index),
+    }
