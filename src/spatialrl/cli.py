@@ -8,6 +8,7 @@ import logging
 import sys
 
 from spatialrl.config import ConfigError
+from spatialrl.errors import InputError
 
 # Imported lazily by name so `spatialrl --help` stays fast and a command's heavy
 # dependencies (Ray, DeepSpeed) load only when that command runs.
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, InputError) as err:
         print(f"spatialrl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

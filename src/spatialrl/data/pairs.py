@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from spatialrl.errors import InputError
+
 log = logging.getLogger(__name__)
 
 PAIR_SCHEMA = pa.schema(
@@ -46,7 +48,7 @@ PAIR_SCHEMA = pa.schema(
 SPLITS = ("train", "test")
 
 
-class PairFileError(ValueError):
+class PairFileError(InputError):
     """A pairs file that cannot be read as a whole (for example a missing column)."""
 
 
@@ -132,7 +134,10 @@ def _open_checked(path: str | Path) -> pq.ParquetFile:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
-    file = pq.ParquetFile(path)
+    try:
+        file = pq.ParquetFile(path)
+    except pa.ArrowException as err:
+        raise PairFileError(f"{path}: not a readable parquet file ({err})") from err
     present = set(file.schema_arrow.names)
     for column in PAIR_SCHEMA.names:
         if column not in present:

@@ -51,7 +51,11 @@ def gaussian_bt_loss(
     return -F.logsigmoid(margin + std * noise).mean()
 
 
+def pair_wins(score_w: torch.Tensor, score_l: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 if ranked correctly, 0 if not, and 0.5 for a tie, as a coin flip would."""
+    return (score_w > score_l).float() + 0.5 * (score_w == score_l).float()
+
+
 def pairwise_accuracy(mu_w: torch.Tensor, mu_l: torch.Tensor) -> torch.Tensor:
-    """Fraction of pairs ranked correctly; a tie counts as half, as a coin flip would."""
-    wins = (mu_w > mu_l).float() + 0.5 * (mu_w == mu_l).float()
-    return wins.mean()
+    """Fraction of pairs ranked correctly; a tie counts as half."""
+    return pair_wins(mu_w, mu_l).mean()
