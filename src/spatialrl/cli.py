@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "spatialrl.commands.tiny_models",
     "spatialrl.commands.data",
     "spatialrl.commands.train",
+    "spatialrl.commands.reward",
 ]
 
 
