@@ -91,10 +91,11 @@ class RolloutActor:
         images = sample_eval_images(self.pipeline, prompts, self.cfg.sampling, self.cfg.seed)
         return images_to_array(images)
 
-    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> str:
-        """Sample with `state` from now on; returns the checksum of the adapter now in use, for
-        the caller to compare with the published one. A state that does not fit the adapter
-        raises and leaves the previous weights and version in place."""
+    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> dict:
+        """Sample with `state` from now on. Returns the checksum of the adapter now in use, for
+        the caller to compare with the published one, and the seconds the load took. A state
+        that does not fit the adapter raises and leaves the previous weights and version."""
+        start = time.perf_counter()
         transformer = self.pipeline.transformer
         previous = lora_state_dict(transformer)
         try:
@@ -103,7 +104,8 @@ class RolloutActor:
             load_lora_state_dict(transformer, previous)  # a failed load may have copied some
             raise
         self._version = version
-        return lora_checksum(lora_state_dict(transformer))
+        checksum = lora_checksum(lora_state_dict(transformer))
+        return {"checksum": checksum, "seconds": time.perf_counter() - start}
 
     def version(self) -> int:
         return self._version

@@ -81,7 +81,7 @@ def test_published_weights_reach_the_rollout_actor(make_actor, tiny_flux_path):
     finally:
         learners.shutdown()
 
-    assert ray.get(actor.load_weights.remote(version, state_ref)) == checksum
+    assert ray.get(actor.load_weights.remote(version, state_ref))["checksum"] == checksum
     assert ray.get(actor.version.remote()) == version == 1
     (after,) = ray.get(actor.rollout.remote(PROMPTS[:1], [0], 0))
     assert after["version"] == 1

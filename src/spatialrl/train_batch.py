@@ -19,6 +19,10 @@ class ScoredGroup:
     mu: torch.Tensor  # [G]
     sigma: torch.Tensor  # [G]
 
+    @property
+    def version(self) -> int:
+        return self.group.version
+
 
 @dataclass
 class TrainBatch:

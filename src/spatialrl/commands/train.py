@@ -13,24 +13,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override a config value, e.g. --set grpo.top_k=4 (repeatable)",
     )
     parser.add_argument(
-        "--backend", choices=["inprocess"], default="inprocess",
-        help="inprocess: synchronous, one process, no Ray",
+        "--backend", choices=["ray", "inprocess"], default="ray",
+        help="ray: the asynchronous actor-learner loop on the Ray cluster in reach (a local "
+        "instance if none); inprocess: synchronous, one process, no Ray",
+    )
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue from the newest checkpoint in output_dir, in the same MLflow run (ray)",
     )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from spatialrl.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.backend == "ray":
+        from spatialrl.learners.trainer import train_on_ray
+
+        run_id = train_on_ray(cfg, resume=args.resume)
+    else:
+        if args.resume:
+            raise SystemExit("--resume needs --backend ray")
+        run_id = _train_in_process(cfg)
+    print(f"mlflow run {run_id} finished; outputs in {cfg.output_dir}")
+    return 0
+
+
+def _train_in_process(cfg) -> str:
     from spatialrl.inprocess import InProcessTrainer
     from spatialrl.tracking import Tracker
 
-    cfg = load_config(args.config, args.overrides)
-    tracker = Tracker(cfg.mlflow, tags={"backend": args.backend})
+    tracker = Tracker(cfg.mlflow, tags={"backend": "inprocess"})
     try:
         InProcessTrainer(cfg).fit(tracker)
     except BaseException:
         tracker.finish("FAILED")
         raise
     tracker.finish()
-    print(f"mlflow run {tracker.run_id} finished; outputs in {cfg.output_dir}")
-    return 0
+    return tracker.run_id

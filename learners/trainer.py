@@ -1,0 +1,418 @@
+"""`spatialrl train` on Ray: the single controller of the asynchronous actor-learner loop.
+
+    prompts -> rollout actors (G SDE samples per prompt, tagged with their policy version)
+            -> reward deployment (batched across all actors) -> scored groups
+            -> staleness check -> advantages, top-k/bottom-k -> learner group (DeepSpeed)
+            -> version v+1 -> every rollout actor, checksum verified
+
+While the learner trains on iteration i, rollouts for iterations up to i + max_staleness are
+in flight (see spatialrl.staleness for the one definition of version and staleness).
+Rollout actor calls run in submission order, so weights published before a rollout call are
+the weights it samples with, and every group reports the version that sampled it.
+
+Faults: a rollout actor that dies is restarted by Ray; its groups are redone from the same
+seeds after the current weights are loaded into it again, and counted. A group is trained on
+only once its G samples are all scored, so nothing is trained on twice or half.
+
+Checkpoints fence versions: a checkpoint holds the learner after iteration i (version v) and
+next_iteration = i + 1. Rollouts already in flight for later iterations are not part of it; a
+resumed run samples them again from version v.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from PIL import Image
+from ray.exceptions import RayActorError
+from ray.serve.handle import DeploymentHandle
+from ray.util.placement_group import remove_placement_group
+
+from spatialrl.actors.placement import in_bundle, reserve
+from spatialrl.actors.reward import score_groups, start_reward_deployment, stop_reward_deployment
+from spatialrl.actors.rollout import RolloutActor, unpack_group
+from spatialrl.config import ConfigError, TrainConfig, flatten
+from spatialrl.evaluation import eval_metrics
+from spatialrl.learners.policy_learner import LearnerGroup
+from spatialrl.placement import check_cluster_fits, role_bundles
+from spatialrl.prompts import PromptSource, eval_prompts
+from spatialrl.rewards import RewardOutput
+from spatialrl.run_state import (
+    RunState,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_run_state,
+    save_run_state,
+)
+from spatialrl.staleness import dispatch_horizon, split_by_staleness, staleness
+from spatialrl.tracking import Tracker, image_grid
+from spatialrl.train_batch import ScoredGroup, build_train_batch, ledger_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IterationRollouts:
+    """One iteration's scored groups and how long producing them took."""
+
+    iteration: int
+    groups: list[ScoredGroup]
+    rollout_s: float  # dispatch -> last group sampled (wall)
+    rollout_compute_s: float  # actor seconds spent sampling
+    reward_s: float  # first scoring request -> last answer (wall)
+
+
+@dataclass
+class Published:
+    version: int
+    state: ray.ObjectRef
+    checksum: str
+
+
+@dataclass
+class RolloutFleet:
+    """The rollout actors in their placement group, and the weights they must hold."""
+
+    cfg: TrainConfig
+    actors: list = field(default_factory=list)
+
+    def start(self) -> None:
+        cfg = self.cfg
+        bundles = role_bundles(cfg)["rollout"]
+        self.placement_group = reserve(
+            "rollout", bundles, cfg.cluster.placement_timeout_s, strategy="SPREAD")
+        self.actors = [
+            RolloutActor.options(
+                max_restarts=cfg.cluster.max_actor_restarts, max_task_retries=0,
+                **in_bundle(self.placement_group, index, one),
+            ).remote(cfg)
+            for index, one in enumerate(bundles)
+        ]
+
+    def load(self, index: int, published: Published) -> ray.ObjectRef:
+        return self.actors[index].load_weights.remote(published.version, published.state)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self.actors:
+            remove_placement_group(self.placement_group)
+
+
+def verify_load(index: int, published: Published, answer: dict) -> float:
+    """An actor's weights after a sync must be exactly the published ones."""
+    if answer["checksum"] != published.checksum:
+        raise RuntimeError(
+            f"rollout actor {index} holds weights {answer['checksum']} after loading version "
+            f"{published.version} ({published.checksum})"
+        )
+    return answer["seconds"]
+
+
+class RayTrainer:
+    def __init__(self, cfg: TrainConfig, tracker: Tracker, resume_from: Path | None = None):
+        self.cfg = cfg
+        self.tracker = tracker
+        self.output_dir = Path(cfg.output_dir)
+        self.prompts = PromptSource(cfg.prompts.source, cfg.seed)
+        self.eval_prompts = eval_prompts(
+            cfg.prompts.eval_source, cfg.prompts.num_eval_prompts, cfg.seed)
+        self.counters: Counter = Counter()
+        self.start_iteration = 0
+        if not cfg.cluster.wait_for_autoscaler:
+            check_cluster_fits(cfg, ray.cluster_resources())
+        self.fleet = RolloutFleet(cfg)
+        self.learners: LearnerGroup | None = None
+        self.reward: DeploymentHandle | None = None
+        self.reward_batch_sizes: list[int] = []
+        self.published: Published | None = None
+        try:
+            self.learners = LearnerGroup(cfg)
+            self.fleet.start()
+            self.reward = start_reward_deployment(cfg)
+            if resume_from is not None:
+                self._restore(resume_from)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _restore(self, folder: Path) -> None:
+        state = load_run_state(folder)
+        per_iteration = self.cfg.prompts.prompts_per_iteration
+        if state.prompt_cursor != state.next_iteration * per_iteration:
+            raise ConfigError(
+                f"prompts.prompts_per_iteration: {per_iteration} does not match the checkpoint "
+                f"{folder} (cursor {state.prompt_cursor} at iteration {state.next_iteration})"
+            )
+        if state.mlflow_run_id != self.tracker.run_id:
+            raise ValueError(
+                f"{folder} belongs to MLflow run {state.mlflow_run_id}, not {self.tracker.run_id}")
+        self.learners.load_checkpoint(folder / "learner")
+        if self.learners.version != state.version:
+            raise RuntimeError(f"{folder}: learner at version {self.learners.version}, "
+                               f"run state at {state.version}")
+        self.start_iteration = state.next_iteration
+        self.counters.update(state.counters)
+        log.info("resumed from %s at iteration %d, version %d", folder, state.next_iteration,
+                 state.version)
+
+    # --- weights -------------------------------------------------------------------------
+
+    def _publish(self) -> float:
+        start = time.perf_counter()
+        self.published = Published(*self.learners.publish())
+        return time.perf_counter() - start
+
+    def _start_sync(self) -> list[ray.ObjectRef]:
+        """Submit the published weights to every actor: calls after these sample with them."""
+        return [self.fleet.load(i, self.published) for i in range(len(self.fleet.actors))]
+
+    async def _finish_sync(self, loads: list[ray.ObjectRef]) -> float:
+        """Verify every actor's checksum; the slowest actor-side load time."""
+        seconds = []
+        for index, load in enumerate(loads):
+            try:
+                seconds.append(verify_load(index, self.published, await load))
+            except RayActorError:
+                seconds.append(await self._reload(index))
+        return max(seconds)
+
+    async def _reload(self, index: int) -> float:
+        """After an actor died: Ray restarts it with the initial weights; load the current
+        ones into it (the call waits for the restart)."""
+        self._count_failure(index)
+        return verify_load(index, self.published, await self.fleet.load(index, self.published))
+
+    def _count_failure(self, index: int) -> None:
+        self.counters["faults/rollout_actor_failures"] += 1
+        budget = self.cfg.cluster.max_actor_restarts * len(self.fleet.actors)
+        if self.counters["faults/rollout_actor_failures"] > budget:
+            raise RuntimeError(
+                f"rollout actors failed {self.counters['faults/rollout_actor_failures']:g} "
+                f"times (cluster.max_actor_restarts={self.cfg.cluster.max_actor_restarts} each); "
+                f"last: actor {index}"
+            )
+
+    # --- producing one iteration's data --------------------------------------------------
+
+    async def _rollout_share(self, index: int, share: list[tuple[int, str]], iteration: int
+                             ) -> list[dict]:
+        """One actor's groups of an iteration; redone from the same seeds if the actor dies."""
+        prompts, group_ids = [p for _, p in share], [i for i, _ in share]
+        while True:
+            try:
+                return await self.fleet.actors[index].rollout.remote(prompts, group_ids, iteration)
+            except RayActorError as err:
+                log.warning("rollout actor %d died (%s); redoing %d groups", index, err, len(share))
+                self.counters["faults/redone_groups"] += len(share)
+                await self._reload(index)
+
+    async def _score(self, packed_groups: list[dict]) -> tuple[list[ScoredGroup], float, float]:
+        """Score one rollout call's groups (sent together, so they batch with each other and
+        with other actors' groups); returns them with the request and answer times."""
+        start = time.perf_counter()
+        scores = await asyncio.to_thread(
+            score_groups, self.reward,
+            [([g["prompt"]] * len(g["images"]), list(g["images"])) for g in packed_groups])
+        self.counters["faults/reward_retries"] += sum(s.retries for s in scores)
+        self.reward_batch_sizes.extend(size for s in scores for size in s.batch_sizes)
+        groups = [ScoredGroup(unpack_group(g), s.mu, s.sigma)
+                  for g, s in zip(packed_groups, scores, strict=True)]
+        return groups, start, time.perf_counter()
+
+    async def _produce(self, iteration: int) -> IterationRollouts:
+        cfg = self.cfg
+        per_iteration = cfg.prompts.prompts_per_iteration
+        taken = self.prompts.slice(iteration * per_iteration, per_iteration)
+        actors = len(self.fleet.actors)
+        shares = [taken[a::actors] for a in range(actors)]
+        start = time.perf_counter()
+
+        async def rollout_then_score(index: int, share: list[tuple[int, str]]):
+            packed_groups = await self._rollout_share(index, share, iteration)
+            sampled = time.perf_counter()
+            compute_s = sum(g["rollout_seconds"] for g in packed_groups)
+            return sampled, compute_s, await self._score(packed_groups)
+
+        results = await asyncio.gather(
+            *(rollout_then_score(a, share) for a, share in enumerate(shares) if share))
+        groups = sorted((g for *_, (gs, _, _) in results for g in gs),
+                        key=lambda g: g.group.group_id)
+        return IterationRollouts(
+            iteration, groups,
+            rollout_s=max(sampled for sampled, _, _ in results) - start,
+            rollout_compute_s=sum(compute for _, compute, _ in results),
+            reward_s=max(end for *_, (_, _, end) in results)
+            - min(begin for *_, (_, begin, _) in results),
+        )
+
+    # --- one training step ---------------------------------------------------------------
+
+    def _train(self, data: IterationRollouts) -> tuple[dict[str, float], list[dict]]:
+        cfg = self.cfg
+        version = self.learners.version
+        fresh, stale = split_by_staleness(data.groups, version, cfg.rollout.max_staleness)
+        self.counters["staleness/dropped_groups"] += len(stale)
+        metrics: dict[str, float] = {}
+        ledger = [ledger_row(g, i, float("nan"), False) for g in stale for i in range(len(g.mu))]
+        if fresh:
+            batch = build_train_batch(fresh, cfg.grpo)
+            metrics.update(batch.metrics)
+            ledger += batch.ledger
+            self.counters["filter/dropped_nonfinite_groups"] += batch.metrics[
+                "filter/dropped_nonfinite_groups"]
+            ages = [staleness(version, g.group.version) for g in fresh]
+            metrics.update({"staleness/mean": float(np.mean(ages)),
+                            "staleness/max": float(max(ages))})
+            if len(batch.trajectory) >= len(self.learners.workers):
+                start = time.perf_counter()
+                learned = self.learners.update(batch)
+                metrics["time/learn_s"] = time.perf_counter() - start
+                metrics.update({f"learn/{k}": v for k, v in learned.items()})
+            else:
+                self.counters["filter/skipped_updates"] += 1
+        for row in ledger:
+            row["staleness"] = version - row["version"]
+        return metrics, ledger
+
+    # --- evaluation and checkpoints ------------------------------------------------------
+
+    async def _evaluate(self, iteration: int) -> dict[str, float]:
+        """ODE samples at the just-published version, from the first rollout actor (its
+        queue runs the weight load before this call), scored by the reward and the rule
+        evaluator."""
+        pixels = await self.fleet.actors[0].evaluate.remote(
+            self.eval_prompts, self.published.version)
+        images = [Image.fromarray(p) for p in pixels]
+        (scores,) = await asyncio.to_thread(
+            score_groups, self.reward, [(self.eval_prompts, list(pixels))])
+        shapes = self.cfg.prompts.eval_source == "shapes"
+        self.tracker.log_image(image_grid(images, columns=8),
+                               f"eval/iteration-{iteration:06d}.png")
+        return eval_metrics(images, self.eval_prompts, RewardOutput(scores.mu, scores.sigma),
+                            shapes)
+
+    def _checkpoint(self, iteration: int) -> Path:
+        folder = checkpoint_dir(self.output_dir, iteration)
+        self.learners.save_checkpoint((folder / "learner").resolve())
+        save_run_state(folder, RunState(
+            next_iteration=iteration + 1, version=self.learners.version,
+            prompt_cursor=(iteration + 1) * self.cfg.prompts.prompts_per_iteration,
+            mlflow_run_id=self.tracker.run_id, counters=dict(self.counters),
+        ))
+        if self.cfg.lora.enabled:
+            self.tracker.log_artifacts(folder / "learner" / "lora",
+                                       f"checkpoints/iteration-{iteration:06d}/lora")
+        return folder
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def fit(self) -> list[dict[str, float]]:
+        cfg = self.cfg
+        # Reward calls, the learner and checkpoints wait in threads; the default pool (cores
+        # + 4) would cap the groups being scored at once.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64))
+        self.tracker.log_params(flatten(cfg))
+        await asyncio.to_thread(self._publish)
+        await self._finish_sync(self._start_sync())  # version 0 (or the resumed one) verified
+        ledger_dir = self.output_dir / "ledger"
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+        in_flight: dict[int, asyncio.Task] = {}
+        history = []
+        last_done = time.perf_counter()
+        try:
+            for iteration in range(self.start_iteration, cfg.iterations):
+                self._dispatch(in_flight, iteration)
+                wait_start = time.perf_counter()
+                data = await in_flight.pop(iteration)
+                timings = {"time/wait_s": time.perf_counter() - wait_start,
+                           "time/rollout_s": data.rollout_s,
+                           "time/rollout_compute_s": data.rollout_compute_s,
+                           "time/reward_s": data.reward_s}
+                # The learner runs in a thread so that in-flight rollouts keep being scored.
+                metrics, ledger = await asyncio.to_thread(self._train, data)
+                if "time/learn_s" in metrics:
+                    publish_s = await asyncio.to_thread(self._publish)
+                    loads = self._start_sync()
+                    self._dispatch(in_flight, iteration + 1)  # after the loads: new weights
+                    timings["time/broadcast_s"] = publish_s + await self._finish_sync(loads)
+                metrics.update(timings)
+                if self.reward_batch_sizes:
+                    metrics["reward/batch_size_mean"] = float(np.mean(self.reward_batch_sizes))
+                    self.reward_batch_sizes.clear()
+                pq.write_table(pa.Table.from_pylist(ledger),
+                               ledger_dir / f"{iteration:06d}.parquet")
+                last = iteration == cfg.iterations - 1
+                if cfg.eval_every and (iteration % cfg.eval_every == 0 or last):
+                    metrics.update(await self._evaluate(iteration))
+                if (cfg.checkpoint_every and (iteration + 1) % cfg.checkpoint_every == 0) or last:
+                    await asyncio.to_thread(self._checkpoint, iteration)
+                now = time.perf_counter()
+                images = sum(len(g.mu) for g in data.groups)
+                metrics.update({
+                    "time/iteration_s": now - last_done,
+                    "throughput/images_per_s": images / (now - last_done),
+                    "policy/version": float(self.learners.version),
+                    **{name: float(value) for name, value in self.counters.items()},
+                })
+                last_done = now
+                self.tracker.log_metrics(metrics, step=iteration)
+                log.info("iteration %d: %s", iteration, _summary(metrics))
+                history.append(metrics)
+        finally:
+            for task in in_flight.values():
+                task.cancel()
+        return history
+
+    def _dispatch(self, in_flight: dict[int, asyncio.Task], next_to_train: int) -> None:
+        horizon = dispatch_horizon(next_to_train, self.cfg.rollout.max_staleness,
+                                   self.cfg.iterations)
+        for iteration in range(next_to_train, horizon):
+            if iteration not in in_flight:
+                in_flight[iteration] = asyncio.create_task(self._produce(iteration))
+
+    def shutdown(self) -> None:
+        if self.reward is not None:
+            stop_reward_deployment()
+        self.fleet.shutdown()
+        if self.learners is not None:
+            self.learners.shutdown()
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    keys = ("reward/mean", "filter/kept_fraction", "learn/policy_loss", "staleness/mean",
+            "eval/reward_mean", "eval/relation_accuracy", "throughput/images_per_s")
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def train_on_ray(cfg: TrainConfig, resume: bool = False) -> str:
+    """Run (or resume) a training run on the Ray cluster in reach; returns the MLflow run id."""
+    if not ray.is_initialized():
+        ray.init(address=cfg.cluster.address, log_to_driver=True)
+    resume_from = latest_checkpoint(cfg.output_dir) if resume else None
+    run_id = load_run_state(resume_from).mlflow_run_id if resume_from else None
+    tracker = Tracker(cfg.mlflow, run_id=run_id, tags={"backend": "ray"})
+    status = "FAILED"
+    try:
+        trainer = RayTrainer(cfg, tracker, resume_from)
+        try:
+            asyncio.run(trainer.fit())
+            status = "FINISHED"
+        finally:
+            trainer.shutdown()
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+    return tracker.run_id
