@@ -1,4 +1,4 @@
-"""`spatialrl reward`: evaluate and use the SpatialScore reward model."""
+"""`spatialrl reward`: train, evaluate and use the SpatialScore reward model."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("reward", help="the SpatialScore reward model")
     commands = parser.add_subparsers(dest="reward_command", required=True)
+    _register_train(commands)
 
     evaluate = commands.add_parser(
         "eval", help="pairwise accuracy on preference pairs, overall and by perturbed relations"
@@ -35,6 +36,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--jsonl", type=Path, metavar="FILE",
                        help='lines {"prompt": ..., "image": PATH} (relative to FILE\'s folder)')
     score.set_defaults(func=run_score)
+
+
+def _register_train(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train", help="train SpatialScore on preference pairs (Ray Train + DeepSpeed, MLflow)"
+    )
+    train.add_argument("--config", required=True, help="YAML config (see configs/reward/)")
+    train.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
+    train.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in output_dir from its newest checkpoint, in the same MLflow run",
+    )
+    train.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from spatialrl.config import load_config
+    from spatialrl.learners.reward_trainer import train_reward_model
+    from spatialrl.reward.train_config import RewardTrainConfig
+
+    cfg = load_config(args.config, args.overrides, model=RewardTrainConfig)
+    result = train_reward_model(cfg, resume=args.resume)
+    print(f"mlflow run {result.mlflow_run_id}: {result.steps_done}/{cfg.optim.steps} steps; "
+          f"model in {result.checkpoint}/model")
+    return 0
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,9 +112,33 @@ def run_eval(args: argparse.Namespace) -> int:
         _load_spatialscore(args), model_name=args.model, judge=judge,
         batch_size=args.batch_size,
     )
-    print(json.dumps(summary, indent=2))
+    print(_summary_table(summary))
     print(f"per-pair results and summary.json -> {args.out}")
     return 0
+
+
+def _summary_table(summary: dict) -> str:
+    """Accuracy per scorer: overall and by the number of perturbed relations."""
+    from spatialrl.reward.evaluation import NUM_PERTURBED_GROUPS
+
+    lines = [
+        f"{summary['pairs_file']} ({summary['split']}): {summary['skipped_rows']} rows skipped "
+        f"{summary['skipped_by_reason'] or ''}".rstrip(),
+        "accuracy (pairs)  " + "".join(
+            f"{g:>14}" for g in ["overall", *(f"{g} perturbed" for g in NUM_PERTURBED_GROUPS)]
+        ),
+    ]
+    for name in ("spatialscore", "judge"):
+        if name in summary:
+            result = summary[name]
+            groups = [result, *(result["by_num_perturbed"][g] for g in NUM_PERTURBED_GROUPS)]
+            lines.append(f"{name:18}" + "".join(f"{_cell(group):>14}" for group in groups))
+    return "\n".join(lines)
+
+
+def _cell(group: dict) -> str:
+    accuracy = "-" if group["accuracy"] is None else f"{group['accuracy']:.3f}"
+    return f"{accuracy} ({group['pairs']})"
 
 
 def run_score(args: argparse.Namespace) -> int:

@@ -155,7 +155,7 @@ def evaluate_pairs(
     out_dir = Path(out_dir)
     summary = {
         "pairs_file": str(pairs_path),
-        "split": split,
+        "split": split or "all",
         "skipped_rows": sum(result.skipped.values()),
         "skipped_by_reason": result.skipped,
     }
