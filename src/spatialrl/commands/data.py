@@ -1,4 +1,5 @@
-"""`spatialrl data`: build shapes-world datasets (preference pairs, RL prompt sets)."""
+"""`spatialrl data`: build preference-pair datasets (shapes-world renders or a generator's
+images) and RL prompt sets."""
 
 from __future__ import annotations
 
@@ -22,6 +23,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="share of pairs in the test split (held-out colour/shape combinations)",
     )
     shapes.set_defaults(func=run_shapes)
+
+    pairs = commands.add_parser(
+        "pairs",
+        help="preference pairs from a diffusers pipeline: DIR/train.parquet, DIR/test.parquet",
+    )
+    pairs.add_argument("--model", required=True, metavar="PIPELINE",
+                       help="hub id or local folder that DiffusionPipeline.from_pretrained loads")
+    pairs.add_argument("--out", required=True, type=Path, metavar="DIR")
+    pairs.add_argument("--n", required=True, type=_positive_int, help="pairs in total")
+    pairs.add_argument("--steps", type=_positive_int, default=28, help="denoising steps")
+    pairs.add_argument("--size", type=_positive_int, default=512, help="image side in pixels")
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument(
+        "--test-fraction", type=_fraction, default=0.2,
+        help="share of pairs in the test split (held-out colour/shape combinations)",
+    )
+    pairs.add_argument("--batch-size", type=_positive_int, default=4,
+                       help="pairs per pipeline call")
+    pairs.add_argument("--device", help="default: cuda if available, else cpu")
+    pairs.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="default: bfloat16 on cuda, float32 on cpu")
+    pairs.set_defaults(func=run_pairs)
 
     prompts = commands.add_parser("prompts", help="an RL prompt file (columns prompt, split)")
     prompts.add_argument("--out", required=True, type=Path, metavar="FILE")
@@ -53,10 +76,34 @@ def run_shapes(args: argparse.Namespace) -> int:
                                test_fraction=args.test_fraction)
     for split, records in pairs._asdict().items():
         count = write_pairs(args.out / f"{split}.parquet", records)
-        by_perturbed = {k: sum(r.num_perturbed == k for r in records) for k in (1, 2, 3)}
-        print(f"{split}: {count} pairs -> {args.out / f'{split}.parquet'} "
-              f"(perturbed relations 1/2/3: {by_perturbed[1]}/{by_perturbed[2]}/{by_perturbed[3]})")
+        _report_split(split, count, args.out, [r.num_perturbed for r in records])
     return 0
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    import torch
+
+    from spatialrl.data.generated import generate_pairs, load_generator, sample_prompt_pairs
+    from spatialrl.data.pairs import SPLITS, write_pairs
+
+    prompt_pairs = sample_prompt_pairs(args.n, args.model, args.seed, args.test_fraction)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    pipeline = load_generator(args.model, dtype, device)
+    for split in SPLITS:
+        chosen = [p for p in prompt_pairs if p.split == split]
+        records = generate_pairs(
+            pipeline, chosen, args.model, args.size, args.steps, args.batch_size
+        )
+        count = write_pairs(args.out / f"{split}.parquet", records)
+        _report_split(split, count, args.out, [p.num_perturbed for p in chosen])
+    return 0
+
+
+def _report_split(split: str, count: int, out: Path, num_perturbed: list[int]) -> None:
+    by_perturbed = "/".join(str(num_perturbed.count(k)) for k in (1, 2, 3))
+    print(f"{split}: {count} pairs -> {out / f'{split}.parquet'} "
+          f"(perturbed relations 1/2/3: {by_perturbed})")
 
 
 def run_prompts(args: argparse.Namespace) -> int:

@@ -1,2 +1,3 @@
 """The shapes world: prompt grammar, renderer, perturber, rule-based evaluator, and the
-preference-pair and prompt files built from them (numpy, Pillow and pyarrow only)."""
+preference-pair and prompt files built from them (numpy, Pillow and pyarrow only); and
+`generated`, which renders the same prompt pairs with a diffusers pipeline instead."""

@@ -79,25 +79,51 @@ def build_shapes_pairs(
 ) -> ShapesPairs:
     """n preference pairs (a correct render of a prompt, and a render of the same prompt with
     1, 2 or 3 relations reversed, in equal shares), split into train and test."""
-    if not 0 <= test_fraction <= 1:
-        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
-    num_test = round(n * test_fraction)
+    sizes = split_sizes(n, test_fraction)
     return ShapesPairs(
-        train=[_build_pair(seed, "train", i, size) for i in range(n - num_test)],
-        test=[_build_pair(seed, "test", i, size) for i in range(num_test)],
+        **{split: [_build_pair(seed, split, i, size) for i in range(count)]
+           for split, count in sizes.items()}
     )
 
 
-def _build_pair(seed: int, split: str, index: int, size: int) -> PreferencePair:
-    # One generator per pair: a pair does not depend on how many others are built.
-    rng = np.random.default_rng([seed, _split_code(split), index])
-    num_perturbed = 1 + index % 3
+def split_sizes(n: int, test_fraction: float) -> dict[str, int]:
+    """Pairs per split: round(n * test_fraction) test pairs, the rest train."""
+    if not 0 <= test_fraction <= 1:
+        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
+    num_test = round(n * test_fraction)
+    return {"train": n - num_test, "test": num_test}
+
+
+def pair_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """One generator per pair: a pair does not depend on how many others are built."""
+    return np.random.default_rng([seed, _split_code(split), index])
+
+
+def pair_num_perturbed(index: int) -> int:
+    """1, 2 and 3 perturbed relations in turn, so each comes in an equal share."""
+    return 1 + index % 3
+
+
+def sample_perturbed_scene(
+    rng: np.random.Generator, split: str, num_perturbed: int
+) -> tuple[Scene, Scene]:
+    """(scene of `split`, the scene with num_perturbed relations reversed)."""
     while True:
         scene = sample_split_scene(rng, split, num_relations=(num_perturbed, 3))
         try:
-            perturbed, _ = perturb(scene, num_perturbed, rng)
+            return scene, perturb(scene, num_perturbed, rng)[0]
+        except PerturbError:  # too few reversible relations
+            continue
+
+
+def _build_pair(seed: int, split: str, index: int, size: int) -> PreferencePair:
+    rng = pair_rng(seed, split, index)
+    num_perturbed = pair_num_perturbed(index)
+    while True:
+        scene, perturbed = sample_perturbed_scene(rng, split, num_perturbed)
+        try:
             preferred, rejected = render(scene, size, rng), render(perturbed, size, rng)
-        except (PerturbError, LayoutError):  # too few reversible relations, or undrawable
+        except LayoutError:  # undrawable
             continue
         return PreferencePair(
             prompt=scene_to_prompt(scene),
