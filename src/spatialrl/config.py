@@ -143,6 +143,8 @@ class RewardServingConfig(Section):
     autoscaling: AutoscalingConfig | None = None
     max_batch_size: int = Field(32, ge=1, description="images per batched reward call")
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+    # Requests (groups) one replica holds at once; more wait at the caller's handle.
+    max_ongoing_requests: int = Field(32, ge=1)
     gpus_per_replica: float = Field(1.0, ge=0, description="0 on CPU machines")
     cpus_per_replica: float = Field(1.0, gt=0)
     # Ray custom resources each replica asks for, e.g. {reward_node: 0.01}, so that it lands

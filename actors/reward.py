@@ -1,0 +1,194 @@
+"""Reward actors: a Ray Serve deployment around the core's build_reward, batching items
+dynamically across every caller.
+
+A request is one group of (prompt, uint8 HxWx3 image) items; the answer is plain lists: mu,
+sigma and, per item, the number of items in the batch that scored it. Items are batched one by
+one, so `serving.max_batch_size` counts images whatever the group size, and one caller's items
+share batches with other callers'. The trainer calls the deployment through a handle with
+score_groups; an HTTP ingress can bind reward_application as its child deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from spatialrl.config import RewardConfig, TrainConfig
+from spatialrl.rewards import build_reward
+
+APP_NAME = "spatialrl-reward"
+
+# A replica that died or is not reachable yet; Serve replaces it, so the same call succeeds
+# once it is back. Anything else (bad input, a reward that raises) fails the same way again.
+RETRYABLE_ERRORS = (RayActorError, ReplicaUnavailableError, BackPressureError)
+
+
+def parse_group(items: Sequence) -> tuple[list[str], list[Image.Image]]:
+    """(prompt, image) items -> prompts and RGB images; a ValueError names the first bad item."""
+    if not isinstance(items, Sequence) or isinstance(items, str) or not items:
+        raise ValueError("reward request: expected a non-empty list of (prompt, image) items")
+    prompts, images = [], []
+    for index, item in enumerate(items):
+        if not isinstance(item, Sequence) or len(item) != 2:
+            raise ValueError(f"reward request item {index}: expected a (prompt, image) pair")
+        prompt, image = item
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"reward request item {index}: prompt must be a non-empty string")
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+            kind = image.dtype if isinstance(image, np.ndarray) else type(image).__name__
+            raise ValueError(
+                f"reward request item {index}: image must be a uint8 array, got {kind}"
+            )
+        if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+            raise ValueError(
+                f"reward request item {index}: image must have shape HxWx3, got {image.shape}"
+            )
+        prompts.append(prompt)
+        images.append(Image.fromarray(image))
+    return prompts, images
+
+
+@serve.deployment
+class RewardDeployment:
+    """One reward replica: build_reward(cfg) behind a batch queue sized by cfg.serving."""
+
+    def __init__(self, cfg: RewardConfig):
+        serving = cfg.serving
+        self._reward = build_reward(cfg, "cuda" if serving.gpus_per_replica > 0 else "cpu")
+        self._score_batch.set_max_batch_size(serving.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
+
+    async def score(self, items: Sequence) -> dict[str, list]:
+        """mu, sigma and batch_sizes per item, in item order. Non-finite rewards come back as
+        they are: dropping those groups is the caller's decision."""
+        prompts, images = parse_group(items)
+        scored = await asyncio.gather(*map(self._score_batch, prompts, images))
+        for index, result in enumerate(scored):
+            if isinstance(result, Exception):
+                raise RuntimeError(f"reward request item {index}: {result!r}") from result
+        mu, sigma, batch_sizes = (list(column) for column in zip(*scored, strict=True))
+        return {"mu": mu, "sigma": sigma, "batch_sizes": batch_sizes}
+
+    @serve.batch
+    async def _score_batch(
+        self, prompts: list[str], images: list[Image.Image]
+    ) -> list[tuple[float, float, int] | Exception]:
+        return await self._run(prompts, images)
+
+    async def _run(
+        self, prompts: list[str], images: list[Image.Image]
+    ) -> list[tuple[float, float, int] | Exception]:
+        try:
+            # A worker thread keeps the replica's event loop taking requests for the next batch.
+            out = await asyncio.to_thread(self._reward, images, prompts)
+        except Exception as error:
+            if len(prompts) == 1:
+                return [error]
+            # An item that breaks the reward must not fail the other callers' items with it.
+            alone = [await self._run([p], [im]) for p, im in zip(prompts, images, strict=True)]
+            return [result for (result,) in alone]
+        size = len(prompts)
+        return [(m, s, size) for m, s in zip(out.mu.tolist(), out.sigma.tolist(), strict=True)]
+
+
+def reward_application(cfg: RewardConfig) -> serve.Application:
+    """The deployment with replicas (fixed or autoscaled) and resources from cfg.serving."""
+    serving = cfg.serving
+    if serving.autoscaling is not None:
+        scaling = {"autoscaling_config": serving.autoscaling.model_dump()}
+    else:
+        scaling = {"num_replicas": serving.replicas}
+    return RewardDeployment.options(
+        max_ongoing_requests=serving.max_ongoing_requests,
+        ray_actor_options={
+            "num_cpus": serving.cpus_per_replica,
+            "num_gpus": serving.gpus_per_replica,
+            "resources": dict(serving.custom_resources),
+        },
+        **scaling,
+    ).bind(cfg)
+
+
+def start_reward_deployment(
+    cfg: TrainConfig | RewardConfig, name: str = APP_NAME
+) -> DeploymentHandle:
+    """Run the reward application `name` on the connected Ray cluster and wait until its
+    replicas are up. Starts Serve without HTTP proxies when it is not running yet (the
+    trainer only needs handles); a Serve instance already running keeps its own options."""
+    reward = cfg.reward if isinstance(cfg, TrainConfig) else cfg
+    serve.start(proxy_location="Disabled")
+    return serve.run(reward_application(reward), name=name, route_prefix=None)
+
+
+def stop_reward_deployment(name: str = APP_NAME) -> None:
+    """Delete the application and its replicas; Serve itself keeps running for others."""
+    serve.delete(name)
+
+
+@dataclass
+class GroupScore:
+    mu: torch.Tensor  # [G] float32
+    sigma: torch.Tensor  # [G] float32
+    batch_sizes: list[int]  # per item: items in the batch that scored it
+    retries: int  # times the group was sent again after a replica died or was unavailable
+
+
+def score_groups(
+    handle: DeploymentHandle,
+    groups: Sequence[tuple[Sequence[str], Sequence[np.ndarray]]],
+    retries: int = 4,
+    backoff_s: float = 0.5,
+) -> list[GroupScore]:
+    """Score (prompts, images) groups, all sent at once so that they batch together.
+
+    A group whose call fails on a dead or unavailable replica is sent again after
+    backoff_s * 2**attempt, at most `retries` times; scores are a pure function of the items,
+    so a repeat is safe, and each group is answered whole or not at all. Bad input and reward
+    errors are raised at once, not retried.
+    """
+    requests = [list(zip(prompts, images, strict=True)) for prompts, images in groups]
+    attempts = [0] * len(requests)
+    answers: dict[int, dict] = {}
+    pending = {i: handle.score.remote(items) for i, items in enumerate(requests)}
+    while pending:
+        failed = []
+        for i, response in pending.items():
+            try:
+                answers[i] = response.result()
+            except RETRYABLE_ERRORS as error:
+                if attempts[i] == retries:
+                    raise RuntimeError(
+                        f"reward group {i}: no replica answered after {retries} retries"
+                    ) from error
+                failed.append(i)
+        if failed:
+            time.sleep(backoff_s * 2 ** max(attempts[i] for i in failed))
+        for i in failed:
+            attempts[i] += 1
+        pending = {i: handle.score.remote(requests[i]) for i in failed}
+    return [
+        GroupScore(
+            mu=torch.tensor(answers[i]["mu"], dtype=torch.float32),
+            sigma=torch.tensor(answers[i]["sigma"], dtype=torch.float32),
+            batch_sizes=answers[i]["batch_sizes"],
+            retries=attempts[i],
+        )
+        for i in range(len(requests))
+    ]
+
+
+def score_group(
+    handle: DeploymentHandle, prompts: Sequence[str], images: Sequence[np.ndarray], **retry
+) -> GroupScore:
+    """One group through score_groups (same retries)."""
+    return score_groups(handle, [(prompts, images)], **retry)[0]
