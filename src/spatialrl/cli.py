@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "spatialrl.commands.data",
     "spatialrl.commands.train",
     "spatialrl.commands.reward",
+    "spatialrl.commands.cluster",
 ]
 
 

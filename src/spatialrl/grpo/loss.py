@@ -56,15 +56,20 @@ def clipped_surrogate(
     )
 
 
+def num_train_steps(num_sde_steps: int, fraction: float) -> int:
+    """Timesteps trained per trajectory: ceil(fraction * n), at least 1."""
+    return max(1, math.ceil(fraction * num_sde_steps))
+
+
 def sample_train_steps(
     sde_steps: torch.Tensor, fraction: float, generator: torch.Generator
 ) -> list[int]:
-    """A random subset (ceil(fraction * n), at least 1) of the trainable SDE step indices,
-    in increasing order. The same subset serves the whole batch so that each chosen step
+    """A random subset (num_train_steps of them) of the trainable SDE step indices, in
+    increasing order. The same subset serves the whole batch so that each chosen step
     costs one batched transformer pass."""
     candidates = torch.nonzero(sde_steps, as_tuple=False).flatten()
     if candidates.numel() == 0:
         raise ValueError("no SDE steps to train: noise_level is 0 or sde_window is empty")
-    count = max(1, math.ceil(fraction * candidates.numel()))
+    count = num_train_steps(candidates.numel(), fraction)
     chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
     return sorted(int(i) for i in chosen)
