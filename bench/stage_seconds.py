@@ -1,0 +1,89 @@
+"""Seconds per item of each stage (rollout per image, reward per image, learner per trained
+sample) for one worker, measured with the in-process loop on the config's models. Writes
+the file that `spatialrl capacity --measured` reads.
+
+    .venv/bin/python bench/stage_seconds.py [--config configs/local.yaml] [--iterations 5]
+
+With configs/local.yaml this measures the tiny random FLUX on this machine's CPU; on a GPU
+node, pass a config that loads FLUX.1-dev and SpatialScore to measure the real stages.
+The first iteration is a warm-up and is not counted; figures are medians over the rest.
+They are wall-clock seconds, so on a shared machine they include waiting for cores: the
+file records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from spatialrl.commands.tiny_models import write_tiny_models
+from spatialrl.config import load_config
+from spatialrl.inprocess import InProcessTrainer
+
+
+def measure(config: str, iterations: int, workdir: Path, tiny: bool) -> dict:
+    overrides = [f"output_dir={workdir / 'run'}", "eval_every=0", "checkpoint_every=0"]
+    if tiny:
+        overrides.append(f"model.pretrained={write_tiny_models(workdir / 'models')['flux']}")
+    cfg = load_config(config, overrides)
+    trainer = InProcessTrainer(cfg)
+    images = cfg.prompts.prompts_per_iteration * cfg.grpo.group_size
+    rows = []
+    for iteration in range(iterations + 1):
+        metrics, ledger = trainer.train_iteration(iteration)
+        trained = sum(row["kept"] for row in ledger) * cfg.optim.updates_per_iteration
+        if iteration == 0 or trained == 0:
+            continue
+        rows.append({
+            "rollout": metrics["time/rollout_s"] / images,
+            "reward": metrics["time/reward_s"] / images,
+            "learner": metrics["time/learn_s"] / trained,
+            "trained_samples": trained,
+        })
+    return {
+        "stage_seconds": {
+            role: statistics.median(row[role] for row in rows)
+            for role in ("rollout", "reward", "learner")
+        },
+        "per_iteration": rows,
+        "images_per_iteration": images,
+        "config": config,
+        "model": cfg.model.pretrained if not tiny else "tiny random FLUX (spatialrl tiny-models)",
+        "reward": cfg.reward.kind,
+        "device": trainer.device,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/local.yaml")
+    parser.add_argument("--iterations", type=int, default=5, help="measured, after a warm-up")
+    parser.add_argument("--no-tiny", dest="tiny", action="store_false",
+                        help="use the config's model instead of freshly built tiny models")
+    parser.add_argument("--out", default="bench/results/stage_seconds_tiny.json")
+    args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure(args.config, args.iterations, Path(tmp), args.tiny)
+    result.update(
+        command=" ".join([Path(sys.executable).name, *sys.argv]),
+        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        f" of {os.cpu_count()} cores",
+        load_average_1min={"before": load_before, "after": os.getloadavg()[0]},
+        torch=torch.__version__,
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["stage_seconds"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
