@@ -80,16 +80,12 @@ class RolloutActor:
         share = (time.perf_counter() - start) / len(groups)
         return [pack_group(group, share) for group in groups]
 
-    def evaluate(self, prompts: list[str], expected_version: int) -> np.ndarray:
-        """Deterministic ODE samples of the evaluation prompts, as a uint8 array. The caller
-        names the version it evaluates: calls run in order, so weights published before this
-        call are in place, and anything else is an error."""
-        if self._version != expected_version:
-            raise RuntimeError(
-                f"evaluation of version {expected_version} reached an actor at {self._version}"
-            )
+    def evaluate(self, prompts: list[str]) -> dict:
+        """Deterministic ODE samples of the evaluation prompts as a uint8 array, with the
+        version that made them (calls run in order: weights sent before this call are in
+        place)."""
         images = sample_eval_images(self.pipeline, prompts, self.cfg.sampling, self.cfg.seed)
-        return images_to_array(images)
+        return {"version": self._version, "images": images_to_array(images)}
 
     def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> dict:
         """Sample with `state` from now on. Returns the checksum of the adapter now in use, for

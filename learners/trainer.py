@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from ray.util.placement_group import remove_placement_group
 
@@ -59,6 +59,8 @@ from spatialrl.tracking import Tracker, image_grid
 from spatialrl.train_batch import ScoredGroup, build_train_batch, ledger_row
 
 log = logging.getLogger(__name__)
+
+RESTART_POLL_MAX_S = 5.0  # longest wait between reload attempts while an actor restarts
 
 
 @dataclass
@@ -85,6 +87,8 @@ class RolloutFleet:
 
     cfg: TrainConfig
     actors: list = field(default_factory=list)
+    # Per actor, the version of the last weights sent to it: what its next call must report.
+    expected_versions: list[int] = field(default_factory=list)
 
     def start(self) -> None:
         cfg = self.cfg
@@ -98,8 +102,10 @@ class RolloutFleet:
             ).remote(cfg)
             for index, one in enumerate(bundles)
         ]
+        self.expected_versions = [0] * len(self.actors)
 
     def load(self, index: int, published: Published) -> ray.ObjectRef:
+        self.expected_versions[index] = published.version
         return self.actors[index].load_weights.remote(published.version, published.state)
 
     def shutdown(self) -> None:
@@ -189,9 +195,16 @@ class RayTrainer:
 
     async def _reload(self, index: int) -> float:
         """After an actor died: Ray restarts it with the initial weights; load the current
-        ones into it (the call waits for the restart)."""
+        ones into it, waiting while it is still restarting."""
         self._count_failure(index)
-        return verify_load(index, self.published, await self.fleet.load(index, self.published))
+        delay = 0.1
+        while True:
+            try:
+                load = await self.fleet.load(index, self.published)
+                return verify_load(index, self.published, load)
+            except ActorUnavailableError:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RESTART_POLL_MAX_S)
 
     def _count_failure(self, index: int) -> None:
         self.counters["faults/rollout_actor_failures"] += 1
@@ -205,17 +218,31 @@ class RayTrainer:
 
     # --- producing one iteration's data --------------------------------------------------
 
+    async def _on_current_weights(self, index: int, submit, version_of, redo_groups: int = 0):
+        """An actor call that must run on the weights last sent to that actor. If the actor
+        died, or came back from a restart on its initial weights (it then reports another
+        version), it gets the current weights again and the call is redone from the same
+        seeds."""
+        while True:
+            expected = self.fleet.expected_versions[index]
+            try:
+                result = await submit(self.fleet.actors[index])
+                if version_of(result) == expected:
+                    return result
+                log.warning("rollout actor %d answered from version %d, expected %d: restarted",
+                            index, version_of(result), expected)
+            except RayActorError as err:
+                log.warning("rollout actor %d died: %s", index, err)
+            self.counters["faults/redone_groups"] += redo_groups
+            await self._reload(index)
+
     async def _rollout_share(self, index: int, share: list[tuple[int, str]], iteration: int
                              ) -> list[dict]:
-        """One actor's groups of an iteration; redone from the same seeds if the actor dies."""
+        """One actor's groups of an iteration."""
         prompts, group_ids = [p for _, p in share], [i for i, _ in share]
-        while True:
-            try:
-                return await self.fleet.actors[index].rollout.remote(prompts, group_ids, iteration)
-            except RayActorError as err:
-                log.warning("rollout actor %d died (%s); redoing %d groups", index, err, len(share))
-                self.counters["faults/redone_groups"] += len(share)
-                await self._reload(index)
+        return await self._on_current_weights(
+            index, lambda actor: actor.rollout.remote(prompts, group_ids, iteration),
+            version_of=lambda groups: groups[0]["version"], redo_groups=len(share))
 
     async def _score(self, packed_groups: list[dict]) -> tuple[list[ScoredGroup], float, float]:
         """Score one rollout call's groups (sent together, so they batch with each other and
@@ -291,8 +318,10 @@ class RayTrainer:
         """ODE samples at the just-published version, from the first rollout actor (its
         queue runs the weight load before this call), scored by the reward and the rule
         evaluator."""
-        pixels = await self.fleet.actors[0].evaluate.remote(
-            self.eval_prompts, self.published.version)
+        answer = await self._on_current_weights(
+            0, lambda actor: actor.evaluate.remote(self.eval_prompts),
+            version_of=lambda answer: answer["version"])
+        pixels = answer["images"]
         images = [Image.fromarray(p) for p in pixels]
         (scores,) = await asyncio.to_thread(
             score_groups, self.reward, [(self.eval_prompts, list(pixels))])
