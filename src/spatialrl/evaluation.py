@@ -9,7 +9,7 @@ from PIL import Image
 
 from spatialrl.config import SamplingConfig
 from spatialrl.flux.sampler import sample
-from spatialrl.rewards import RewardFn, RewardOutput, shapes_rule
+from spatialrl.rewards import RewardFn, RewardOutput, shapes_rule, shapes_soft
 from spatialrl.rollout import rollout_seed
 
 
@@ -44,6 +44,7 @@ def eval_metrics(
         accuracy = shapes_rule(images, prompts).mu
         metrics["eval/relation_accuracy"] = float(accuracy.mean())
         metrics["eval/all_relations_correct"] = float((accuracy == 1.0).float().mean())
+        metrics["eval/soft_relation_score"] = float(shapes_soft(images, prompts).mu.mean())
     return metrics
 
 

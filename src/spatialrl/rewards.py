@@ -47,6 +47,14 @@ def shapes_rule(images: list[Image.Image], prompts: list[str]) -> RewardOutput:
     return deterministic([relation_accuracy(im, p) for im, p in zip(images, prompts, strict=True)])
 
 
+def shapes_soft(images: list[Image.Image], prompts: list[str]) -> RewardOutput:
+    """The dense centroid-order score of the shapes world (see soft_relation_score)."""
+    from spatialrl.data.evaluate import soft_relation_score
+
+    return deterministic(
+        [soft_relation_score(im, p) for im, p in zip(images, prompts, strict=True)])
+
+
 def spatialscore(path: str, device: str = "cpu") -> RewardFn:
     from spatialrl.reward.model import SpatialScore
 
@@ -82,16 +90,39 @@ def build_reward(cfg: RewardConfig, device: str = "cpu") -> RewardFn:
     return _single(cfg.kind, cfg, device)
 
 
+def reward_version(cfg: RewardConfig) -> str:
+    """What scores mean: the reward's kind, and for SpatialScore a checksum of the checkpoint
+    files it loads (so a retrained checkpoint at the same path is a new version)."""
+    if cfg.kind == "weighted":
+        parts = [f"{_single_version(kind, cfg)}*{w}" for kind, w in sorted(cfg.weights.items())]
+        return "weighted(" + "+".join(parts) + ")"
+    return _single_version(cfg.kind, cfg)
+
+
+def _single_version(kind: str, cfg: RewardConfig) -> str:
+    if kind != "spatialscore":
+        return kind
+    from spatialrl.checksum import files_checksum
+    from spatialrl.reward.model import ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, checkpoint_folder
+
+    # The files from_pretrained reads; the config names the base model and its revision.
+    folder = checkpoint_folder(cfg.spatialscore_path)
+    files = [folder / name for name in (CONFIG_FILE, ADAPTER_FILE, HEAD_FILE)]
+    return f"spatialscore@{files_checksum(files)}"
+
+
 def _single(kind: str, cfg: RewardConfig, device: str) -> RewardFn:
     if kind == "brightness_left":
         return brightness_left
     if kind == "shapes_rule":
         return shapes_rule
+    if kind == "shapes_soft":
+        return shapes_soft
     if kind == "spatialscore":
         if not cfg.spatialscore_path:
             raise ValueError("reward.spatialscore_path: required for the spatialscore reward")
         return spatialscore(cfg.spatialscore_path, device)
     raise ValueError(
         f"reward.kind: unknown reward {kind!r}; expected brightness_left, shapes_rule, "
-        "spatialscore or weighted"
+        "shapes_soft, spatialscore or weighted"
     )

@@ -22,7 +22,10 @@ from spatialrl.data.geometry import (
     relation_holds,
     work_shape,
 )
-from spatialrl.data.grammar import COLOURS, CONVEX_SHAPES, Scene, parse_prompt
+from spatialrl.data.grammar import COLOURS, CONVEX_SHAPES, ORDERING, Scene, parse_prompt
+
+# Soft relation score: a sigmoid of the centroid gap in units of this fraction of the image.
+SOFT_MARGIN_SCALE = 0.05
 
 # A pixel belongs to an object colour when its chroma (max - min channel) is at least this
 # and its hue is within MAX_HUE_DISTANCE of that colour (the nearest of the scene's colours).
@@ -62,6 +65,36 @@ def evaluate(
 def relation_accuracy(image: ImageLike, prompt: str | Scene) -> float:
     """Reward in [0, 1]: the fraction of the prompt's relations that hold in the image."""
     return evaluate(image, prompt).accuracy
+
+
+def soft_relation_score(image: ImageLike, prompt: str | Scene) -> float:
+    """A dense cousin of `relation_accuracy` for images with no readable objects yet (an
+    untrained generator): each object is the colour-weighted centroid of pixels near its hue,
+    and each left/right/above/below/on/under relation scores a sigmoid of how far the two
+    centroids are in the prompt's order. Depth and next-to relations have no centroid order
+    and are left out; a prompt with none of the others scores 0.5. In [0, 1]."""
+    scene = _parse_cached(prompt) if isinstance(prompt, str) else prompt
+    rgb = _work_pixels(image)
+    hue, chroma = _hue_chroma(rgb)
+    height, width = hue.shape
+    ys, xs = np.mgrid[0:height, 0:width]
+    centroids = []
+    for obj in scene.objects:
+        target = _hue_chroma(np.array(COLOURS[obj.colour], dtype=np.float32))[0]
+        distance = np.abs(hue - target)
+        distance = np.minimum(distance, 360.0 - distance)
+        weight = (chroma / 255.0) * np.exp(-((distance / MAX_HUE_DISTANCE) ** 2))
+        total = weight.sum() + 1e-8
+        centroids.append({"x": (weight * xs).sum() / total / width,
+                          "y": (weight * ys).sum() / total / height})
+    scores = []
+    for rel in scene.relations:
+        axis, sign = ORDERING.get(rel.predicate, ("depth", 0))
+        if axis == "depth":
+            continue
+        gap = sign * (centroids[rel.object_index][axis] - centroids[rel.subject_index][axis])
+        scores.append(1.0 / (1.0 + np.exp(-gap / SOFT_MARGIN_SCALE)))
+    return float(np.mean(scores)) if scores else 0.5
 
 
 def read_objects(image: ImageLike, scene: Scene) -> list[ObjectFeatures | None]:

@@ -74,7 +74,7 @@ CONVERSE = {
 }
 # (axis, sign): +1 means subject < object along the axis (x grows right, y grows down,
 # depth grows towards the viewer; "A in front of B" puts B before A in depth).
-_ORDERING = {
+ORDERING = {
     Predicate.LEFT_OF: ("x", +1),
     Predicate.RIGHT_OF: ("x", -1),
     Predicate.ABOVE: ("y", +1),
@@ -207,7 +207,7 @@ def _axis_edges(scene: Scene, axis: str) -> list[tuple[int, int]]:
     """Directed edges (a, b) meaning a < b along the axis."""
     edges = []
     for rel in scene.relations:
-        rel_axis, sign = _ORDERING.get(rel.predicate, (None, 0))
+        rel_axis, sign = ORDERING.get(rel.predicate, (None, 0))
         if rel_axis == axis:
             ends = (rel.subject_index, rel.object_index)
             edges.append(ends if sign > 0 else ends[::-1])
