@@ -7,6 +7,7 @@ from spatialrl.flux.loading import load_flux_pipeline
 from spatialrl.flux.lora import add_lora
 from spatialrl.flux.sampler import Trajectory, recompute_log_probs, sample, step_distribution
 from spatialrl.flux.sde import gaussian_log_prob
+from spatialrl.grpo.update import old_log_prob_drift
 
 PROMPTS = [
     "a red circle to the left of a blue square",
@@ -163,3 +164,17 @@ def test_step_distribution_backpropagates_into_lora(tiny_flux_path):
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     base = [p for n, p in pipeline.transformer.named_parameters() if "lora_" not in n]
     assert all(p.grad is None for p in base)
+
+
+def test_old_log_prob_drift_is_zero_for_fresh_data_and_grows_when_weights_change(pipeline):
+    trajectory, _ = sample(pipeline, prompts_for(3), [0, 1, 2], sampling())
+    assert old_log_prob_drift(pipeline.transformer, trajectory) < 1e-5
+    weight = pipeline.transformer.proj_out.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(1.5)
+    try:
+        assert old_log_prob_drift(pipeline.transformer, trajectory) > 1e-3
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)

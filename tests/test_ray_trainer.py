@@ -71,7 +71,7 @@ def assert_every_group_once(cfg, iterations):
 
 def test_runs_end_to_end_and_resumes_in_the_same_mlflow_run(local_ray, tiny_flux_path,
                                                              tmp_path):
-    cfg = trainer_config(tiny_flux_path, tmp_path)
+    cfg = trainer_config(tiny_flux_path, tmp_path, "grpo.check_old_log_probs=true")
     run_id = train_on_ray(cfg)
 
     client = MlflowClient(cfg.mlflow.tracking_uri)
@@ -85,6 +85,10 @@ def test_runs_end_to_end_and_resumes_in_the_same_mlflow_run(local_ray, tiny_flux
     assert [(m.step, m.value) for m in versions] == [(0, 1.0), (1, 2.0), (2, 3.0)]
     staleness = client.get_metric_history(run_id, "staleness/max")
     assert max(m.value for m in staleness) <= cfg.rollout.max_staleness
+    # Iteration 0 trains on data its own weights sampled: the learner's log-probs are the
+    # rollout's (its DeepSpeed engine and the actors run the same fp32 maths).
+    (first_drift, *_) = client.get_metric_history(run_id, "learn/old_log_prob_max_abs_diff")
+    assert first_drift.step == 0 and first_drift.value < 1e-4
     assert_every_group_once(cfg, range(3))
 
     # Iteration 1 (checkpoint_every=2) and the last; the LoRA loads into diffusers.

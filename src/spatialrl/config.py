@@ -90,6 +90,10 @@ class GRPOConfig(Section):
     kl_beta: float = Field(0.004, ge=0)
     # Fraction of the SDE steps trained per trajectory (Flow-GRPO's timestep_fraction).
     timestep_fraction: float = Field(1.0, gt=0, le=1)
+    # pi_old is always the rollout's stored fp32 log-probs. This also recomputes them with the
+    # learner's weights before each update and logs the largest difference (a check: ~0 for
+    # fresh data); it costs one forward per SDE step.
+    check_old_log_probs: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:

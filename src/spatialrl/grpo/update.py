@@ -14,7 +14,7 @@ import torch
 
 from spatialrl.config import GRPOConfig, OptimConfig
 from spatialrl.flux.lora import reference_policy
-from spatialrl.flux.sampler import Trajectory, step_distribution
+from spatialrl.flux.sampler import Trajectory, recompute_log_probs, step_distribution
 from spatialrl.flux.sde import gaussian_kl, gaussian_log_prob
 from spatialrl.grpo.loss import SurrogateTerms, clipped_surrogate, sample_train_steps
 
@@ -84,6 +84,7 @@ def grpo_update(
     sums: dict[str, float] = defaultdict(float)
     count = 0
     num_samples = len(trajectories)
+    drift = old_log_prob_drift(transformer, trajectories) if grpo.check_old_log_probs else None
     for _ in range(optim.updates_per_iteration):
         order = torch.randperm(num_samples, generator=generator)
         for chunk in order.split(optim.micro_batch_size):
@@ -102,4 +103,16 @@ def grpo_update(
     metrics["optimizer_steps"] = float(
         optim.updates_per_iteration * len(order.split(optim.micro_batch_size))
     )
+    if drift is not None:
+        metrics["old_log_prob_max_abs_diff"] = drift
     return metrics
+
+
+@torch.no_grad()
+def old_log_prob_drift(transformer: torch.nn.Module, trajectories: Trajectory) -> float:
+    """Largest |log-prob under the current weights - the rollout's stored log-prob| over the
+    SDE steps: float error for data sampled with these weights, larger for stale data. A
+    check only; the update always uses the stored log-probs as pi_old."""
+    steps = torch.nonzero(trajectories.sde_mask).flatten().tolist()
+    recomputed = recompute_log_probs(transformer, trajectories, steps)
+    return float((recomputed - trajectories.log_probs[:, steps].to(recomputed)).abs().max())
