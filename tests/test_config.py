@@ -51,6 +51,17 @@ def test_shipped_configs_validate():
         assert isinstance(load_config(path), TrainConfig)
 
 
+def test_shipped_reward_configs_validate():
+    from pathlib import Path
+
+    from spatialrl.reward.train_config import RewardTrainConfig
+
+    configs = sorted(Path(__file__).parents[1].joinpath("configs", "reward").glob("*.yaml"))
+    assert len(configs) >= 2, "configs/reward/ ships a local and a cluster config"
+    for path in configs:
+        assert isinstance(load_config(path, model=RewardTrainConfig), RewardTrainConfig)
+
+
 def test_flatten_gives_dotted_keys():
     flat = flatten(TrainConfig())
     assert flat["grpo.top_k"] == 6 and flat["model.pretrained"] == "black-forest-labs/FLUX.1-dev"

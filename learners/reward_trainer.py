@@ -1,0 +1,334 @@
+"""`spatialrl reward train`: SpatialScore on N workers with Ray Train's TorchTrainer, each rank a
+DeepSpeed ZeRO engine (stage 1 or 2) around the core in spatialrl.reward.training.
+
+    driver: MLflow run (params = the whole config), TorchTrainer.fit()
+    worker r of N: pairs r, r + N, ... of data.train (pyarrow) -> batches drawn from
+        (seed, step) -> DeepSpeed forward/backward/step (gradients all-reduced, optimiser
+        state partitioned) -> rank 0 logs to MLflow -> every eval_every steps the test split,
+        scored by shard and gathered -> every checkpoint_every steps a Ray Train checkpoint
+
+A checkpoint folder (output_dir/ray-train/checkpoint_*) holds
+    engine/            DeepSpeed's checkpoint: trainable weights, every rank's optimiser
+                       shard, the LR schedule (each rank writes its own files)
+    model/             the SpatialScore save_pretrained folder (safetensors only)
+    train_state.json   the number of steps done, the world size and the MLflow run id
+The MLflow run id is also kept in output_dir/mlflow_run.json, so `--resume` continues the same
+run: Ray Train restores the newest checkpoint of output_dir/ray-train, training goes on at the
+next step, and metrics keep their step numbers. Every random draw of a step is a function of
+(seed, step, rank, micro-batch), so the resumed steps are the ones the uninterrupted run would
+have taken. Steps after the last checkpoint of a crashed run are retrained and logged again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from spatialrl import storage
+from spatialrl.config import ConfigError, flatten
+from spatialrl.data.pairs import PairReadResult, iter_pairs
+from spatialrl.reward.evaluation import accuracy_summary, score_pairs
+from spatialrl.reward.model import SpatialScore
+from spatialrl.reward.train_config import RewardTrainConfig
+from spatialrl.reward.training import (
+    batch_at,
+    encode_pairs,
+    load_pairs,
+    make_optimizer,
+    pair_loss,
+    step_seed,
+)
+from spatialrl.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+RAY_RUN_NAME = "ray-train"
+RUN_FILE = "mlflow_run.json"
+ENGINE_DIR = "engine"
+ENGINE_TAG = "spatialscore"
+MODEL_DIR = "model"
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class RewardTrainResult:
+    mlflow_run_id: str
+    steps_done: int
+    checkpoint: str  # the newest checkpoint folder
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+def train_reward_model(cfg: RewardTrainConfig, resume: bool = False) -> RewardTrainResult:
+    """Train (or with `resume`, continue) the run whose files live in cfg.output_dir, on the
+    Ray cluster in reach (a local instance if none)."""
+    cfg = with_absolute_paths(cfg)
+    check_data(cfg)
+    run_file = storage.join(cfg.output_dir, RUN_FILE)
+    if resume:
+        if not storage.exists(run_file):
+            raise ConfigError(f"--resume: no run to continue in output_dir {cfg.output_dir}")
+        tracker = Tracker(cfg.mlflow, run_id=json.loads(storage.read_bytes(run_file))["run_id"])
+    else:
+        if storage.exists(run_file):
+            raise ConfigError(
+                f"output_dir {cfg.output_dir} already holds a run: continue it with --resume "
+                "or choose another output_dir"
+            )
+        tracker = Tracker(cfg.mlflow, tags={"kind": "spatialscore"})
+        tracker.log_params(flatten(cfg))
+        storage.write_bytes(run_file, json.dumps({"run_id": tracker.run_id}).encode())
+    if not ray.is_initialized():
+        ray.init(address=cfg.distributed.ray_address or os.environ.get("RAY_ADDRESS", "local"))
+    try:
+        result = _trainer(cfg, tracker.run_id).fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    # The newest checkpoint, also when this attempt had nothing left to train.
+    with result.checkpoint.as_directory() as folder:
+        steps_done = json.loads((Path(folder) / STATE_FILE).read_text())["steps_done"]
+    # A run stopped by `stop_after` is not finished: --resume sets it RUNNING again.
+    tracker.finish("FINISHED" if steps_done >= cfg.optim.steps else "KILLED")
+    return RewardTrainResult(tracker.run_id, steps_done, result.checkpoint.path)
+
+
+def with_absolute_paths(cfg: RewardTrainConfig) -> RewardTrainConfig:
+    """Workers do not share the driver's working directory: resolve local paths here."""
+
+    def absolute(location: str | None) -> str | None:
+        return location if location is None or storage.is_uri(location) else str(
+            Path(location).resolve())
+
+    updates = {
+        "output_dir": absolute(cfg.output_dir),
+        "data": cfg.data.model_copy(
+            update={"train": absolute(cfg.data.train), "test": absolute(cfg.data.test)}),
+    }
+    if Path(cfg.model.base_model).is_dir():  # otherwise a hub id
+        updates["model"] = cfg.model.model_copy(
+            update={"base_model": absolute(cfg.model.base_model)})
+    uri = cfg.mlflow.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        updates["mlflow"] = cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{db}"})
+    return cfg.model_copy(update=updates)
+
+
+def check_data(cfg: RewardTrainConfig) -> None:
+    """Fail before starting workers: each file exists, has every column and a valid pair of
+    its split (the workers read them fully and count skipped rows)."""
+    for key, split in (("train", "train"), ("test", "test")):
+        path = getattr(cfg.data, key)
+        if path is not None and next(iter_pairs(path, split=split), None) is None:
+            raise ConfigError(f"data.{key}: {path} has no valid {split} pairs")
+
+
+def _trainer(cfg: RewardTrainConfig, mlflow_run_id: str) -> TorchTrainer:
+    spec = cfg.distributed
+    # CPU workers must not let DeepSpeed probe for an accelerator.
+    env = {} if spec.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "mlflow_run_id": mlflow_run_id,
+        },
+        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=spec.num_workers,
+            use_gpu=spec.use_gpu,
+            resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu
+                                                                    else {})},
+        ),
+        run_config=RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=cfg.output_dir,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------- workers
+
+
+def deepspeed_config(cfg: RewardTrainConfig, world_size: int) -> dict:
+    """fp32 optimiser over fp32 trainable weights (LoRA, head, reward token); a bf16 backbone
+    stays frozen, so DeepSpeed's bf16 mode, which would cast the fp32 head, is not used."""
+    optim = cfg.optim
+    return {
+        "train_batch_size": optim.batch_size * world_size,
+        "train_micro_batch_size_per_gpu": optim.micro_batch_size or optim.batch_size,
+        "gradient_accumulation_steps": optim.accumulation_steps,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        "zero_allow_untested_optimizer": True,  # a client torch AdamW: no CPU-Adam op to build
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def train_worker(loop_config: dict) -> None:
+    """One rank of the TorchTrainer (the process group is already set up)."""
+    cfg = RewardTrainConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    tracker = Tracker(cfg.mlflow, run_id=loop_config["mlflow_run_id"]) if rank == 0 else None
+
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial adapter and head
+    model = SpatialScore.from_config(cfg.model).to(ray.train.torch.get_device())
+    _check_trainable_fp32(model)
+    optimizer, scheduler = make_optimizer(model, cfg.optim)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size),
+    )
+    steps_done = _restore(engine, world_size)
+
+    train = load_pairs(cfg.data.train, "train", rank, world_size)
+    test = load_pairs(cfg.data.test, "test", rank, world_size) if cfg.data.test else None
+    if tracker:
+        tracker.log_metrics(
+            {**_data_metrics("train", train, world_size),
+             **(_data_metrics("test", test, world_size) if test else {})},
+            step=steps_done,
+        )
+
+    last_step = min(cfg.optim.steps, cfg.stop_after or cfg.optim.steps)
+    checkpoint_every = cfg.checkpoint_every or cfg.optim.steps
+    eval_every = cfg.eval_every or cfg.optim.steps
+    engine.train()
+    while steps_done < last_step:
+        batch = batch_at(train.pairs, cfg.optim.batch_size, cfg.seed, steps_done)
+        metrics = _train_step(engine, cfg, batch, steps_done, rank, world_size)
+        steps_done += 1
+        if test and (steps_done % eval_every == 0 or steps_done == cfg.optim.steps):
+            metrics.update(evaluate(engine.module, test, cfg.eval_batch_size, world_size))
+        if tracker and (steps_done % cfg.log_every == 0 or "eval/accuracy" in metrics):
+            tracker.log_metrics(metrics, step=steps_done)
+        if steps_done % checkpoint_every == 0 or steps_done == last_step:
+            _save_checkpoint(engine, steps_done, world_size, loop_config["mlflow_run_id"],
+                             tracker if steps_done == cfg.optim.steps else None)
+
+
+def _train_step(
+    engine: deepspeed.DeepSpeedEngine, cfg: RewardTrainConfig, batch: list,
+    step: int, rank: int, world_size: int,
+) -> dict[str, float]:
+    """One optimiser step over `batch` in micro-batches; metrics averaged over the ranks."""
+    start = time.perf_counter()
+    lr = float(engine.get_lr()[0])  # the rate this step applies; the scheduler moves after it
+    micro = cfg.optim.micro_batch_size or cfg.optim.batch_size
+    sums: dict[str, torch.Tensor] = {}
+    for index in range(cfg.optim.accumulation_steps):
+        torch.manual_seed(step_seed(cfg.seed, step, rank, index))  # dropout and MC noise
+        inputs = encode_pairs(engine.module, batch[index * micro : (index + 1) * micro])
+        loss, stats = pair_loss(engine(**inputs.to(engine.device)), cfg.model.mc_samples)
+        engine.backward(loss)
+        engine.step()  # applies the update only at the accumulation boundary
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0) + value.float().cpu()
+    names = sorted(sums)
+    averaged = torch.stack([sums[n] for n in names]) / cfg.optim.accumulation_steps
+    dist.all_reduce(averaged)
+    seconds = time.perf_counter() - start
+    metrics = {f"train/{n}": v / world_size for n, v in zip(names, averaged.tolist(), strict=True)}
+    return {
+        **metrics,
+        "train/lr": lr,
+        "train/grad_norm": float(engine.get_global_grad_norm()),
+        "train/pairs_per_s": cfg.optim.batch_size * world_size / seconds,
+        "train/step_s": seconds,
+    }
+
+
+def evaluate(
+    model: SpatialScore, pairs: PairReadResult, batch_size: int, world_size: int
+) -> dict[str, float]:
+    """Held-out accuracy: each rank scores its shard, rank 0's summary covers them all."""
+    records = score_pairs(model, pairs.pairs, batch_size)
+    gathered: list[list] = [None] * world_size
+    dist.all_gather_object(gathered, records)
+    summary = accuracy_summary([record for shard in gathered for record in shard])
+    metrics = {"eval/accuracy": summary["accuracy"], "eval/pairs": summary["pairs"]}
+    for group, result in summary["by_num_perturbed"].items():
+        if result["accuracy"] is not None:
+            metrics[f"eval/accuracy_{group.replace('-', '_')}"] = result["accuracy"]
+    return metrics
+
+
+def _data_metrics(split: str, data: PairReadResult, world_size: int) -> dict[str, float]:
+    """Valid pairs (this rank's shard times the ranks, about) and skipped rows by reason."""
+    metrics = {
+        f"data/{split}_pairs_per_rank": len(data.pairs),
+        f"data/{split}_skipped_rows": sum(data.skipped.values()),
+    }
+    for reason, count in data.skipped.items():
+        metrics[f"data/{split}_skipped_{reason}"] = count
+    return metrics
+
+
+def _check_trainable_fp32(model: SpatialScore) -> None:
+    if wrong := [n for n, p in model.named_parameters() if p.requires_grad and
+                 p.dtype != torch.float32]:
+        raise ConfigError(
+            f"trainable parameters must be fp32 for the fp32 optimiser, got {wrong[:3]}: "
+            "with model.dtype bfloat16/float16, keep model.train_vision_tower false"
+        )
+
+
+def _save_checkpoint(
+    engine: deepspeed.DeepSpeedEngine, steps_done: int, world_size: int,
+    mlflow_run_id: str, final_tracker: Tracker | None,
+) -> None:
+    """Every rank writes its DeepSpeed files into its own folder; Ray Train gathers them
+    into one checkpoint folder. Rank 0 adds the model and, at the end, logs it to MLflow."""
+    rank = ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(
+            str(Path(folder) / ENGINE_DIR), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+        if rank == 0:
+            model_dir = engine.module.save_pretrained(Path(folder) / MODEL_DIR)
+            state = {"steps_done": steps_done, "world_size": world_size,
+                     "mlflow_run_id": mlflow_run_id}
+            (Path(folder) / STATE_FILE).write_text(json.dumps(state) + "\n")
+            if final_tracker:
+                final_tracker.log_artifacts(model_dir, MODEL_DIR)
+        ray.train.report(
+            {"steps_done": steps_done},
+            checkpoint=Checkpoint.from_directory(folder),
+            checkpoint_dir_name=f"checkpoint_{steps_done:07d}",
+        )
+
+
+def _restore(engine: deepspeed.DeepSpeedEngine, world_size: int) -> int:
+    """Load the newest checkpoint Ray Train hands over (on --resume); returns steps done."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state = json.loads((Path(folder) / STATE_FILE).read_text())
+        if state["world_size"] != world_size:
+            raise ConfigError(
+                f"distributed.num_workers: the checkpoint was written by {state['world_size']} "
+                f"workers (their optimiser shards), this run has {world_size}"
+            )
+        engine.load_checkpoint(
+            str(Path(folder) / ENGINE_DIR), tag=ENGINE_TAG, load_module_strict=False)
+    log.info("resumed from %s after step %d", checkpoint.path, state["steps_done"])
+    return int(state["steps_done"])
+
