@@ -20,6 +20,7 @@ from spatialrl.flux.lora import add_lora, load_lora_state_dict, lora_checksum, l
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.inprocess import resolve_device
 from spatialrl.rollout import RolloutGroup, sample_groups
+from spatialrl.weight_sync import broadcast_tensors, open_group, weights_fingerprint
 
 
 def images_to_array(images: list[Image.Image]) -> np.ndarray:
@@ -58,15 +59,14 @@ class RolloutActor:
     """One policy copy (full pipeline + adapter) at a known policy version."""
 
     def __init__(self, cfg: TrainConfig):
-        if not cfg.lora.enabled:
-            raise NotImplementedError(
-                "rollout actors take LoRA weights; full-weight broadcast is not built yet"
-            )
         self.cfg = cfg
-        self.pipeline = load_flux_pipeline(cfg.model, resolve_device(cfg.device))
-        torch.manual_seed(cfg.seed)  # the same initial adapter as the learners
-        add_lora(self.pipeline.transformer, cfg.lora)
+        self.device = resolve_device(cfg.device)
+        self.pipeline = load_flux_pipeline(cfg.model, self.device)
+        if cfg.lora.enabled:
+            torch.manual_seed(cfg.seed)  # the same initial adapter as the learners
+            add_lora(self.pipeline.transformer, cfg.lora)
         self._version = 0
+        self.weight_group = None
 
     def rollout(self, prompts: list[str], group_ids: list[int], iteration: int) -> list[dict]:
         """group_size samples per prompt, seeded by (run seed, iteration, prompt, index) only;
@@ -102,6 +102,21 @@ class RolloutActor:
         self._version = version
         checksum = lora_checksum(lora_state_dict(transformer))
         return {"checksum": checksum, "seconds": time.perf_counter() - start}
+
+    def join_weight_group(self, address: str, port: int, rank: int, world_size: int) -> None:
+        """Join learner rank 0's full-weight broadcast group (full fine-tuning only)."""
+        self.weight_group = open_group(address, port, rank, world_size, self.device,
+                                       self.cfg.cluster.weight_sync_timeout_s)
+
+    def receive_full_weights(self, version: int) -> dict:
+        """Take part in learner rank 0's broadcast of version `version`; answers like
+        load_weights, with the fingerprint of the weights now in use."""
+        start = time.perf_counter()
+        named = list(self.pipeline.transformer.named_parameters())
+        broadcast_tensors(self.weight_group, [p.data for _, p in named], is_source=False)
+        self._version = version
+        return {"checksum": weights_fingerprint(iter(named)),
+                "seconds": time.perf_counter() - start}
 
     def version(self) -> int:
         return self._version

@@ -29,6 +29,7 @@ from spatialrl.grpo.update import grpo_update
 from spatialrl.inprocess import resolve_device
 from spatialrl.placement import role_bundles
 from spatialrl.train_batch import TrainBatch
+from spatialrl.weight_sync import broadcast_tensors, open_group, weights_fingerprint
 
 CHECKPOINT_TAG = "learner"
 SHUFFLE_STREAM = -1  # update_generator stream of the driver's shard shuffle; ranks use >= 0
@@ -172,13 +173,29 @@ class PolicyLearner:
 
         Every rank must call this: under ZeRO-3 the gather is a collective."""
         if not self.cfg.lora.enabled:
-            raise NotImplementedError(
-                "publishing full weights needs the collective weight broadcast, not built yet"
-            )
+            raise ValueError("full weights are broadcast with send_full_weights, not published")
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(lora_parameters(module)):
             state = lora_state_dict(module)
         return (state if self.rank == 0 else None), lora_checksum(state)
+
+    def join_weight_group(self, address: str, port: int, world_size: int) -> None:
+        """Host the full-weight broadcast group as its rank 0 (learner rank 0 only)."""
+        self.weight_group = open_group(address, port, 0, world_size, self.device,
+                                       self.cfg.cluster.weight_sync_timeout_s)
+
+    def send_full_weights(self) -> str | None:
+        """Broadcast the full transformer, in the rollout dtype, to the rollout actors; returns
+        rank 0's fingerprint of what it sent. Every rank must call this: under ZeRO-3 the
+        gather is a collective."""
+        module = self.engine.module
+        dtype = getattr(torch, self.cfg.model.dtype)
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            if self.rank != 0:
+                return None
+            named = [(name, param.detach().to(dtype)) for name, param in module.named_parameters()]
+            broadcast_tensors(self.weight_group, [t for _, t in named], is_source=True)
+            return weights_fingerprint(iter(named))
 
     def save_checkpoint(self, path: str, version: int) -> None:
         """The engine's checkpoint (optimiser state; only trainable weights with LoRA) on every
@@ -262,6 +279,20 @@ class LearnerGroup:
         if len(set(checksums)) != 1:
             raise RuntimeError(f"learner ranks hold different weights: {checksums}")
         return self.version, refs[0][0], checksums[0]
+
+    def open_weight_group(self, rollout_actors: list) -> None:
+        """Form the full-weight broadcast group: learner rank 0, then the rollout actors."""
+        address, port = ray.get(self.workers[0].master_address.remote())
+        world_size = 1 + len(rollout_actors)
+        ray.get([self.workers[0].join_weight_group.remote(address, port, world_size)] + [
+            actor.join_weight_group.remote(address, port, rank, world_size)
+            for rank, actor in enumerate(rollout_actors, start=1)
+        ])
+
+    def send_full_weights(self) -> list[ray.ObjectRef]:
+        """Start the broadcast of the current weights on every rank; the first ref is rank 0's
+        fingerprint of what it sent."""
+        return [worker.send_full_weights.remote() for worker in self.workers]
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Every rank writes its part: `path` must be storage that all learner nodes share."""

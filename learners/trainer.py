@@ -77,8 +77,8 @@ class IterationRollouts:
 @dataclass
 class Published:
     version: int
-    state: ray.ObjectRef
-    checksum: str
+    state: ray.ObjectRef | None  # the LoRA state; None for full weights (sent by collective)
+    checksum: str | None  # full weights: known once rank 0 has sent them
 
 
 @dataclass
@@ -106,6 +106,8 @@ class RolloutFleet:
 
     def load(self, index: int, published: Published) -> ray.ObjectRef:
         self.expected_versions[index] = published.version
+        if published.state is None:
+            return self.actors[index].receive_full_weights.remote(published.version)
         return self.actors[index].load_weights.remote(published.version, published.state)
 
     def shutdown(self) -> None:
@@ -142,9 +144,12 @@ class RayTrainer:
         self.reward: DeploymentHandle | None = None
         self.reward_batch_sizes: list[int] = []
         self.published: Published | None = None
+        self.full_weight_sends: list[ray.ObjectRef] = []
         try:
             self.learners = LearnerGroup(cfg)
             self.fleet.start()
+            if not cfg.lora.enabled:
+                self.learners.open_weight_group(self.fleet.actors)
             self.reward = start_reward_deployment(cfg)
             if resume_from is not None:
                 self._restore(resume_from)
@@ -175,16 +180,25 @@ class RayTrainer:
     # --- weights -------------------------------------------------------------------------
 
     def _publish(self) -> float:
+        """LoRA: gather the adapter into the object store. Full weights: nothing yet, they
+        are sent by the broadcast that _start_sync begins."""
         start = time.perf_counter()
-        self.published = Published(*self.learners.publish())
+        if self.cfg.lora.enabled:
+            self.published = Published(*self.learners.publish())
+        else:
+            self.published = Published(self.learners.version, None, None)
         return time.perf_counter() - start
 
     def _start_sync(self) -> list[ray.ObjectRef]:
         """Submit the published weights to every actor: calls after these sample with them."""
+        if not self.cfg.lora.enabled:
+            self.full_weight_sends = self.learners.send_full_weights()
         return [self.fleet.load(i, self.published) for i in range(len(self.fleet.actors))]
 
     async def _finish_sync(self, loads: list[ray.ObjectRef]) -> float:
         """Verify every actor's checksum; the slowest actor-side load time."""
+        if not self.cfg.lora.enabled:
+            self.published.checksum = (await asyncio.gather(*self.full_weight_sends))[0]
         seconds = []
         for index, load in enumerate(loads):
             try:
@@ -197,6 +211,11 @@ class RayTrainer:
         """After an actor died: Ray restarts it with the initial weights; load the current
         ones into it, waiting while it is still restarting."""
         self._count_failure(index)
+        if not self.cfg.lora.enabled:
+            # Its broadcast group lost a member: the run fails and resumes from a checkpoint.
+            raise RuntimeError(
+                f"rollout actor {index} restarted during full fine-tuning; the full-weight "
+                "broadcast group cannot take it back in. Resume with --resume.")
         delay = 0.1
         while True:
             try:

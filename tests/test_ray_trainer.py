@@ -12,9 +12,11 @@ from mlflow.tracking import MlflowClient
 from ray import serve
 
 from spatialrl.config import ConfigError, load_config
+from spatialrl.flux.loading import load_flux_transformer
 from spatialrl.learners.trainer import RayTrainer, train_on_ray
 from spatialrl.run_state import checkpoint_dir, load_run_state
 from spatialrl.tracking import Tracker
+from spatialrl.weight_sync import weights_fingerprint
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 
@@ -155,3 +157,23 @@ def test_a_config_larger_than_the_cluster_fails_before_starting_actors(local_ray
     tracker.finish("FAILED")
     assert ray.util.placement_group_table() == {} or all(
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+def test_full_fine_tuning_broadcasts_the_weights_to_every_rollout_actor(local_ray,
+                                                                        tiny_flux_path,
+                                                                        tmp_path):
+    """lora.enabled=false: learner rank 0 broadcasts the whole transformer over its own
+    gloo group; the driver checks every actor's fingerprint against rank 0's each version."""
+    cfg = trainer_config(tiny_flux_path, tmp_path, "lora.enabled=false", "learner.num_workers=1",
+                         "iterations=2", "eval_every=0", "checkpoint_every=0", "optim.lr=1e-4")
+    tracker = Tracker(cfg.mlflow)
+    trainer = RayTrainer(cfg, tracker)
+    try:
+        history = asyncio.run(trainer.fit())
+    finally:
+        trainer.shutdown()
+        tracker.finish()
+    assert [h["policy/version"] for h in history] == [1.0, 2.0]
+    assert all(h["time/broadcast_s"] > 0 for h in history)
+    base = load_flux_transformer(cfg.model)
+    assert trainer.published.checksum != weights_fingerprint(base.named_parameters())
