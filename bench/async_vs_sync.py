@@ -17,17 +17,13 @@ cluster every role has its own GPUs, which is the case the one-core-per-role run
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
-import platform
-import sys
 import tempfile
 from pathlib import Path
 
 import ray
-import torch
 from ray import serve
+from results_file import write_result
 
 from spatialrl.commands.tiny_models import write_tiny_models
 from spatialrl.config import load_config
@@ -44,11 +40,9 @@ def run_once(max_staleness: int, iterations: int, overrides: list[str], workdir:
         *overrides, f"rollout.max_staleness={max_staleness}",
     ])
     tracker = Tracker(cfg.mlflow)
-    trainer = RayTrainer(cfg, tracker)
     try:
-        history = asyncio.run(trainer.fit())
+        history = RayTrainer(cfg, tracker).run()
     finally:
-        trainer.shutdown()
         tracker.finish()
     images = (len(history) - 1) * cfg.prompts.prompts_per_iteration * cfg.grpo.group_size
     # time/iteration_s runs from one iteration's end to the next one's.
@@ -84,21 +78,13 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    result = {
+    write_result({
         "sync": sync,
         "async": async_,
         "async_over_sync_images_per_s": async_["images_per_s"] / sync["images_per_s"],
         "config": "configs/local.yaml",
         "overrides": args.overrides,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                   f"load average {os.getloadavg()[0]:.1f} at the end",
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    }, args.out)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,11 @@ its rise is the policy's doing, not sampling noise.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from results_file import write_result
 
 from spatialrl.commands.tiny_models import write_tiny_models
 from spatialrl.config import load_config
@@ -54,14 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.iterations, args.eval_every, Path(tmp))
-    result.update(
-        command=" ".join([Path(sys.executable).name, *sys.argv]),
-        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        torch=torch.__version__,
-    )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -15,18 +15,14 @@ which a random generator already varies in (bench/results/ray_learning_shapes_so
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import ray
-import torch
 from ray import serve
+from results_file import write_result
 
 from spatialrl.commands.tiny_models import write_tiny_models
 from spatialrl.config import load_config
@@ -59,18 +55,16 @@ def main() -> None:
                 *args.overrides,
             ])
             tracker = Tracker(cfg.mlflow)
-            trainer = RayTrainer(cfg, tracker)
             try:
-                history = asyncio.run(trainer.fit())
+                history = RayTrainer(cfg, tracker).run()
             finally:
-                trainer.shutdown()
                 tracker.finish()
     finally:
         serve.shutdown()
         ray.shutdown()
     evals = [{"iteration": i, **{k: h[k] for k in EVAL_KEYS}}
              for i, h in enumerate(history) if "eval/relation_accuracy" in h]
-    result = {
+    write_result({
         "reward": args.reward,
         "evaluations": evals,
         "gain": {k: evals[-1][k] - evals[0][k] for k in EVAL_KEYS},
@@ -79,13 +73,7 @@ def main() -> None:
         "seconds": time.perf_counter() - start,
         "config": "configs/local.yaml",
         "overrides": args.overrides,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    }, args.out)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,7 @@ random SpatialScore checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +21,7 @@ import ray
 import torch
 from PIL import Image
 from ray import serve
+from results_file import write_result
 
 from spatialrl.actors.reward import score_group, start_reward_deployment
 from spatialrl.commands.tiny_models import write_tiny_models
@@ -109,16 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.calls, args.group_size, Path(tmp))
-    result.update(
-        command=" ".join([Path(sys.executable).name, *sys.argv]),
-        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        ray=ray.__version__,
-        # The machine is shared: a load above its cores slows every number here.
-        load_average_1m_after=os.getloadavg()[0],
-    )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

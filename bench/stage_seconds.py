@@ -14,15 +14,12 @@ file records the load average before and after.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from results_file import write_result
 
 from spatialrl.commands.tiny_models import write_tiny_models
 from spatialrl.config import load_config
@@ -73,16 +70,8 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args.config, args.iterations, Path(tmp), args.tiny)
-    result.update(
-        command=" ".join([Path(sys.executable).name, *sys.argv]),
-        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        f" of {os.cpu_count()} cores",
-        load_average_1min={"before": load_before, "after": os.getloadavg()[0]},
-        torch=torch.__version__,
-    )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["stage_seconds"], indent=2))
+    result["load_average_1min_before"] = load_before
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

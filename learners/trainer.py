@@ -422,6 +422,13 @@ class RayTrainer:
                 task.cancel()
         return history
 
+    def run(self) -> list[dict[str, float]]:
+        """fit() to the end, then release every actor, the reward app and placement group."""
+        try:
+            return asyncio.run(self.fit())
+        finally:
+            self.shutdown()
+
     def _dispatch(self, in_flight: dict[int, asyncio.Task], next_to_train: int) -> None:
         horizon = dispatch_horizon(next_to_train, self.cfg.rollout.max_staleness,
                                    self.cfg.iterations)
@@ -452,12 +459,8 @@ def train_on_ray(cfg: TrainConfig, resume: bool = False) -> str:
     tracker = Tracker(cfg.mlflow, run_id=run_id, tags={"backend": "ray"})
     status = "FAILED"
     try:
-        trainer = RayTrainer(cfg, tracker, resume_from)
-        try:
-            asyncio.run(trainer.fit())
-            status = "FINISHED"
-        finally:
-            trainer.shutdown()
+        RayTrainer(cfg, tracker, resume_from).run()
+        status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise

@@ -169,9 +169,8 @@ def test_full_fine_tuning_broadcasts_the_weights_to_every_rollout_actor(local_ra
     tracker = Tracker(cfg.mlflow)
     trainer = RayTrainer(cfg, tracker)
     try:
-        history = asyncio.run(trainer.fit())
+        history = trainer.run()
     finally:
-        trainer.shutdown()
         tracker.finish()
     assert [h["policy/version"] for h in history] == [1.0, 2.0]
     assert all(h["time/broadcast_s"] > 0 for h in history)
