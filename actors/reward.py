@@ -2,10 +2,11 @@
 dynamically across every caller.
 
 A request is one group of (prompt, uint8 HxWx3 image) items; the answer is plain lists: mu,
-sigma and, per item, the number of items in the batch that scored it. Items are batched one by
-one, so `serving.max_batch_size` counts images whatever the group size, and one caller's items
-share batches with other callers'. The trainer calls the deployment through a handle with
-score_groups; an HTTP ingress can bind reward_application as its child deployment.
+sigma and, per item, the number of items in the batch that scored it, with the reward version
+of the replica that scored them. Items are batched one by one, so `serving.max_batch_size`
+counts images whatever the group size, and one caller's items share batches with other
+callers'. The trainer calls the deployment through a handle with score_groups; the HTTP
+service (spatialrl.actors.service) binds reward_application as its child deployment.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from spatialrl.config import RewardConfig, TrainConfig
-from spatialrl.rewards import build_reward
+from spatialrl.rewards import build_reward, reward_version
 
 APP_NAME = "spatialrl-reward"
 
@@ -65,19 +66,24 @@ class RewardDeployment:
     def __init__(self, cfg: RewardConfig):
         serving = cfg.serving
         self._reward = build_reward(cfg, "cuda" if serving.gpus_per_replica > 0 else "cpu")
+        self._version = reward_version(cfg)
         self._score_batch.set_max_batch_size(serving.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
 
-    async def score(self, items: Sequence) -> dict[str, list]:
-        """mu, sigma and batch_sizes per item, in item order. Non-finite rewards come back as
-        they are: dropping those groups is the caller's decision."""
+    def version(self) -> str:
+        """The reward version (spatialrl.rewards.reward_version) this replica loaded."""
+        return self._version
+
+    async def score(self, items: Sequence) -> dict[str, list | str]:
+        """mu, sigma and batch_sizes per item, in item order, and the version. Non-finite
+        rewards come back as they are: dropping those groups is the caller's decision."""
         prompts, images = parse_group(items)
         scored = await asyncio.gather(*map(self._score_batch, prompts, images))
         for index, result in enumerate(scored):
             if isinstance(result, Exception):
                 raise RuntimeError(f"reward request item {index}: {result!r}") from result
         mu, sigma, batch_sizes = (list(column) for column in zip(*scored, strict=True))
-        return {"mu": mu, "sigma": sigma, "batch_sizes": batch_sizes}
+        return {"mu": mu, "sigma": sigma, "batch_sizes": batch_sizes, "version": self._version}
 
     @serve.batch
     async def _score_batch(

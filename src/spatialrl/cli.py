@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "spatialrl.commands.train",
     "spatialrl.commands.reward",
     "spatialrl.commands.cluster",
+    "spatialrl.commands.serve",
 ]
 
 

@@ -81,6 +81,7 @@ class SpatialScore(nn.Module):
             revision=config.revision,
             dtype=getattr(torch, config.dtype),
             attn_implementation=config.attn_implementation,
+            use_safetensors=True,  # never a pickled checkpoint
         )
         # Qwen pads its embedding matrix (152064 rows for 151665 tokens), so the new token
         # usually fits already; never shrink.

@@ -1,0 +1,240 @@
+"""The HTTP API of the SpatialScore service: request and answer schemas (they make its OpenAPI
+description) and the checks that turn a request into prompts and RGB arrays.
+
+Everything a client sends is JSON; images are PNG or JPEG bytes in base64, or file:// URLs
+under a folder the server names. Every refusal is a RequestError carrying its HTTP status, a
+short reason (the metrics tag) and a message that names the item and the problem, and never
+echoes the payload.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from spatialrl.service.config import LimitsConfig
+
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+class RequestError(Exception):
+    """A request the service refuses: HTTP status, reason tag and a message for the client."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageRef(ApiModel):
+    """Exactly one of `base64` and `url`."""
+
+    base64: str | None = Field(
+        None, description="PNG or JPEG file bytes in standard base64 (no data: URL prefix)"
+    )
+    url: str | None = Field(
+        None, description="file:// URL of a PNG or JPEG under the server's local_files_root; "
+        "refused unless the server enables it",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageRef:
+        if (self.base64 is None) == (self.url is None):
+            raise ValueError("give exactly one of 'base64' and 'url'")
+        return self
+
+
+class Prompted(ApiModel):
+    prompt: str = Field(description="the text the image is judged against; not empty")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt is empty")
+        return prompt
+
+
+class ScoreItem(Prompted):
+    image: ImageRef
+
+
+class ScoreRequest(ApiModel):
+    items: list[ScoreItem] = Field(min_length=1)
+
+
+class Score(ApiModel):
+    mu: float = Field(description="the score: higher is more spatially correct")
+    sigma: float = Field(description="the model's uncertainty about mu (a standard deviation)")
+    batch_size: int = Field(description="items in the reward batch that scored this one")
+
+
+class ScoreResponse(ApiModel):
+    model_version: str
+    scores: list[Score]
+
+
+class CompareRequest(Prompted):
+    image_a: ImageRef
+    image_b: ImageRef
+
+
+class CompareResponse(ApiModel):
+    model_version: str
+    a: Score
+    b: Score
+    preferred: Literal["a", "b", "tie"] = Field(description="the image with the higher mu")
+    probability_a_preferred: float = Field(
+        description="E[sigmoid(s_a - s_b)] for s ~ N(mu, sigma^2), the model's training "
+        "objective read as a probability"
+    )
+
+
+class BestOfNRequest(Prompted):
+    n: int = Field(ge=1, description="candidates to sample (at most the server's max_best_of)")
+    seed: int = Field(0, ge=0, description="candidate i is sampled with seed + i")
+    return_all_images: bool = False
+
+
+class Candidate(ApiModel):
+    seed: int
+    mu: float
+    sigma: float
+    png_base64: str | None = Field(None, description="the image, for the best or if asked")
+
+
+class BestOfNResponse(ApiModel):
+    model_version: str
+    generator: str = Field(description="what sampled the candidates (model and LoRA checksum)")
+    best_index: int
+    candidates: list[Candidate]
+
+
+class ProblemResponse(ApiModel):
+    """Every refusal: a reason tag and a message naming the problem."""
+
+    error: str
+    message: str
+
+
+def check_prompt(prompt: str, where: str, limits: LimitsConfig) -> None:
+    if len(prompt) > limits.max_prompt_chars:
+        raise RequestError(
+            422, "prompt_too_long",
+            f"{where}: prompt has {len(prompt)} characters, above the limit of "
+            f"{limits.max_prompt_chars}",
+        )
+
+
+def check_item_count(count: int, limits: LimitsConfig) -> None:
+    if count > limits.max_items:
+        raise RequestError(
+            413, "too_many_items",
+            f"items: {count} items, above the limit of {limits.max_items} per request",
+        )
+
+
+def decode_image(
+    ref: ImageRef, where: str, limits: LimitsConfig, local_files_root: str | None
+) -> np.ndarray:
+    """The image as a uint8 HxWx3 RGB array, after every check; RequestError otherwise.
+    The size is read from the header, so an oversized image is refused before decoding."""
+    data = _image_bytes(ref, where, limits, local_files_root)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in IMAGE_FORMATS:
+                raise RequestError(
+                    422, "not_an_image", f"{where}: a {image.format} image; send PNG or JPEG"
+                )
+            _check_size(image.size, where, limits)
+            return np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError as err:  # sizes far above any sane limit
+        raise RequestError(413, "image_too_large", f"{where}: {err}") from None
+    except UnidentifiedImageError:
+        raise RequestError(422, "not_an_image", f"{where}: not a PNG or JPEG image") from None
+    except (OSError, SyntaxError, ValueError) as err:  # a truncated or corrupt file
+        raise RequestError(422, "not_an_image", f"{where}: unreadable image ({err})") from None
+
+
+def _image_bytes(
+    ref: ImageRef, where: str, limits: LimitsConfig, local_files_root: str | None
+) -> bytes:
+    if ref.base64 is not None:
+        try:
+            return base64.b64decode(ref.base64, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise RequestError(
+                422, "bad_base64", f"{where}.base64: not valid base64 ({err}); send the file "
+                "bytes in standard base64 without a data: prefix",
+            ) from None
+    path = _local_file(ref.url, f"{where}.url", local_files_root)
+    if path.stat().st_size > limits.max_body_bytes:
+        raise RequestError(
+            413, "image_too_large",
+            f"{where}.url: the file has {path.stat().st_size} bytes, above the limit of "
+            f"{limits.max_body_bytes}",
+        )
+    return path.read_bytes()
+
+
+def _local_file(url: str, where: str, local_files_root: str | None) -> Path:
+    """The file a file:// URL names, if it lies under local_files_root (links resolved)."""
+    if local_files_root is None:
+        raise RequestError(
+            403, "local_files_disabled",
+            f"{where}: file URLs are disabled on this server; send the image as base64",
+        )
+    parsed = urlparse(url)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
+        raise RequestError(
+            422, "bad_url", f"{where}: only file:// URLs of this machine are accepted"
+        )
+    root = Path(local_files_root).resolve()
+    path = Path(unquote(parsed.path)).resolve()
+    if not path.is_relative_to(root):
+        raise RequestError(
+            403, "outside_local_files_root", f"{where}: the file is outside the served folder"
+        )
+    if not path.is_file():
+        raise RequestError(422, "file_not_found", f"{where}: no such file")
+    return path
+
+
+def _check_size(size: tuple[int, int], where: str, limits: LimitsConfig) -> None:
+    width, height = size
+    if width * height > limits.max_image_pixels:
+        raise RequestError(
+            413, "image_too_large",
+            f"{where}: {width}x{height} = {width * height} pixels, above the limit of "
+            f"{limits.max_image_pixels}",
+        )
+    if max(size) > limits.max_aspect_ratio * min(size):
+        raise RequestError(
+            422, "bad_aspect_ratio",
+            f"{where}: {width}x{height} has an aspect ratio above {limits.max_aspect_ratio:g}",
+        )
+
+
+# Probabilists' Gauss-Hermite rule: E[f(x)] for x ~ N(0, 1) = sum(w f(x)) / sqrt(2 pi).
+_NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(64)
+
+
+def probability_preferred(mu_a: float, sigma_a: float, mu_b: float, sigma_b: float) -> float:
+    """E[sigmoid(z)] for z ~ N(mu_a - mu_b, sigma_a^2 + sigma_b^2): how likely the model
+    holds a better than b, as its Bradley-Terry loss on Gaussian scores defines it (64-point
+    Gauss-Hermite quadrature; sigmoid(mu_a - mu_b) to rounding when both sigmas are 0)."""
+    margin = mu_a - mu_b + math.hypot(sigma_a, sigma_b) * _NODES
+    values = 0.5 * (1 + np.tanh(margin / 2))  # sigmoid without overflow
+    return float(np.dot(_WEIGHTS, values) / math.sqrt(2 * math.pi))

@@ -1,0 +1,419 @@
+"""The SpatialScore service over real HTTP on 127.0.0.1: one Serve application for the module
+(tiny random SpatialScore, tiny FLUX + a LoRA as the best-of-N generator, bearer auth, small
+limits). Scores equal the in-process scorer, concurrent requests share reward batches (seen in
+the answers and in Ray Serve's batch-size metric), every bad input gets a 4xx naming it while
+good requests in flight succeed and no replica restarts, logs carry no payloads."""
+
+import base64
+import http.client
+import io
+import json
+import os
+import re
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+
+from spatialrl.actors.service import APP_NAME, start_service
+from spatialrl.checksum import files_checksum
+from spatialrl.config import LoraConfig, PolicyModelConfig, RewardConfig
+from spatialrl.data.grammar import sample_scene, scene_to_prompt
+from spatialrl.data.perturb import perturb, perturbable_indices
+from spatialrl.data.render import render
+from spatialrl.flux.loading import load_flux_pipeline
+from spatialrl.flux.lora import add_lora, save_lora
+from spatialrl.generation import LORA_WEIGHTS_FILE, FluxCandidates
+from spatialrl.reward import SpatialScore, SpatialScoreConfig
+from spatialrl.rewards import build_reward, reward_version
+from spatialrl.service.api import ImageRef, probability_preferred
+from spatialrl.service.client import ServiceError, SpatialScoreClient
+from spatialrl.service.config import FluxGeneratorConfig, LimitsConfig, ServiceConfig
+
+pytestmark = pytest.mark.ray
+
+TOKEN_ENV = "SPATIALRL_TEST_SERVICE_TOKEN"
+TOKEN = "test-token-5c1e"
+LIMITS = LimitsConfig(
+    max_body_bytes=1_500_000, max_items=8, max_image_pixels=96 * 96, max_prompt_chars=300,
+    max_best_of=4,
+    # Above Qwen2.5-VL's own limit (200), so that an image the model refuses gets through.
+    max_aspect_ratio=1000,
+)
+BATCH_WAIT_S = 0.5  # long enough for concurrent requests to meet in one batch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png(image: Image.Image | np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_models_dir, tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = SpatialScore.from_config(SpatialScoreConfig(
+        base_model=str(tiny_models_dir / "qwen2.5-vl"), dtype="float32", head_hidden_size=32))
+    return model.save_pretrained(tmp_path_factory.mktemp("spatialscore"))
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_flux_path, tmp_path_factory) -> Path:
+    """A LoRA that changes the tiny FLUX's images (its B matrices are not zero)."""
+    pipeline = load_flux_pipeline(PolicyModelConfig(
+        pretrained=str(tiny_flux_path), dtype="float32", gradient_checkpointing=False))
+    add_lora(pipeline.transformer, LoraConfig(rank=4, alpha=8))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in pipeline.transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return save_lora(pipeline, tmp_path_factory.mktemp("lora"))
+
+
+@pytest.fixture(scope="module")
+def files_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("served-files")
+
+
+@pytest.fixture(scope="module")
+def service_config(checkpoint, lora_dir, tiny_flux_path, files_root) -> ServiceConfig:
+    return ServiceConfig(
+        port=free_port(), auth_token_env=TOKEN_ENV, local_files_root=str(files_root),
+        limits=LIMITS,
+        reward=RewardConfig(kind="spatialscore", spatialscore_path=str(checkpoint), serving={
+            "max_batch_size": 8, "batch_wait_timeout_s": BATCH_WAIT_S, "gpus_per_replica": 0,
+            "cpus_per_replica": 0.25}),
+        generator=FluxGeneratorConfig(
+            model=PolicyModelConfig(pretrained=str(tiny_flux_path), dtype="float32",
+                                    gradient_checkpointing=False),
+            lora_path=str(lora_dir), height=64, width=64, num_steps=4, max_sequence_length=32,
+            serving={"cpus_per_replica": 0.25}),
+    )
+
+
+@pytest.fixture(scope="module")
+def service(service_config):
+    os.environ[TOKEN_ENV] = TOKEN
+    # Metrics reach Ray's Prometheus endpoint within a second instead of ten.
+    ray.init(num_cpus=2, include_dashboard=False,
+             _system_config={"metrics_report_interval_ms": 1000})
+    try:
+        yield start_service(service_config)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        del os.environ[TOKEN_ENV]
+
+
+@pytest.fixture(scope="module")
+def client(service) -> SpatialScoreClient:
+    return SpatialScoreClient(service, token=TOKEN)
+
+
+@pytest.fixture(scope="module")
+def reward(service_config):
+    return build_reward(service_config.reward)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """Eight (prompt, correct render, render with one relation reversed)."""
+    rng = np.random.default_rng(0)
+    out = []
+    while len(out) < 8:
+        scene = sample_scene(rng, num_objects=3, num_relations=2)
+        if perturbable_indices(scene):
+            out.append((scene_to_prompt(scene), render(scene, 64, rng),
+                        render(perturb(scene, 1, rng)[0], 64, rng)))
+    return out
+
+
+def post(url: str, path: str, body: bytes, headers: dict | None = None,
+         chunked: bool = False) -> tuple[int, dict]:
+    """A raw POST (the client never sends malformed bodies); the answer's status and JSON."""
+    parts = urlparse(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}",
+               **(headers or {})}
+    if chunked:
+        connection.request("POST", path, iter([body]), headers, encode_chunked=True)
+    else:
+        connection.request("POST", path, body, headers)
+    response = connection.getresponse()
+    status, text = response.status, response.read()
+    connection.close()
+    return status, json.loads(text)
+
+
+def score_body(prompt, image: dict, **extra) -> bytes:
+    return json.dumps({"items": [{"prompt": prompt, "image": image}], **extra}).encode()
+
+
+def test_scores_equal_the_in_process_scorer_exactly(client, scenes, reward, service_config):
+    prompts = [prompt for prompt, _, _ in scenes]
+    # PNG everywhere but one JPEG item: the server must see the pixels a JPEG decoder gives.
+    files = [png(good) for _, good, _ in scenes]
+    files[3] = png(scenes[3][1], "JPEG")
+    answer = client.score(list(zip(prompts, files, strict=True)))
+
+    decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in files]
+    expected = reward(decoded, prompts)  # the same 8 items, one batch, in the same order
+    assert [s.mu for s in answer.scores] == expected.mu.tolist()
+    assert [s.sigma for s in answer.scores] == expected.sigma.tolist()
+    assert [s.batch_size for s in answer.scores] == [8] * 8
+    assert answer.model_version == reward_version(service_config.reward)
+    assert answer.model_version.startswith("spatialscore@")
+
+
+def test_compare_answers_both_scores_and_the_preference(client, scenes, reward):
+    prompt, good, bad = scenes[0]
+    answer = client.compare(prompt, good, bad)
+    expected = reward([good, bad], [prompt, prompt])
+    assert [answer.a.mu, answer.b.mu] == expected.mu.tolist()
+    assert answer.preferred == ("a" if answer.a.mu > answer.b.mu else "b")
+    assert answer.probability_a_preferred == probability_preferred(
+        answer.a.mu, answer.a.sigma, answer.b.mu, answer.b.sigma)
+
+
+def test_a_file_url_under_the_served_folder_scores_like_base64(client, scenes, files_root):
+    prompt, good, _ = scenes[1]
+    path = files_root / "good.png"
+    good.save(path)
+    by_url = client.score_one(prompt, ImageRef(url=path.as_uri()))
+    by_bytes = client.score_one(prompt, path)  # the client reads the file and sends base64
+    assert by_url.mu == by_bytes.mu and by_url.sigma == by_bytes.sigma
+
+
+def scrape(name: str, labels: dict[str, str]) -> dict[str, float]:
+    """Samples of one metric family from Ray's Prometheus endpoint, by sample name (+ le)."""
+    port = ray.nodes()[0]["MetricsExportPort"]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    connection.close()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                key = sample.name + (f"[le={sample.labels['le']}]" if "le" in sample.labels else "")
+                samples[key] = samples.get(key, 0.0) + sample.value
+    return samples
+
+
+def settled(name: str, labels: dict[str, str], keys: list[str], until=None) -> dict[str, float]:
+    """Scrape until `until(samples)` holds, or (without it) two scrapes agree."""
+    previous = None
+    for _ in range(40):
+        samples = scrape(name, labels)
+        values = [samples.get(k, 0.0) for k in keys]
+        if (until(samples) if until else values == previous):
+            return samples
+        previous = values
+        time.sleep(1.5)
+    raise AssertionError(f"{name} {labels} did not settle: {samples}")
+
+
+BATCH_SIZES = ("ray_serve_actual_batch_size",
+               {"application": APP_NAME, "deployment": "RewardDeployment"})
+BATCH_COUNT = "ray_serve_actual_batch_size_count"
+
+
+def test_concurrent_requests_share_batches_and_the_batch_size_metric_shows_it(
+        client, scenes, reward):
+    before = settled(*BATCH_SIZES, [BATCH_COUNT])
+    requests = [(prompt, good) for prompt, good, _ in scenes] * 2  # 16 one-item requests
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda item: client.score_one(*item), requests))
+    sizes = [answer.batch_size for answer in answers]
+    assert max(sizes) > 1, f"no request shared a batch: {sizes}"
+    for (prompt, image), answer in zip(requests, answers, strict=True):
+        alone = reward([image], [prompt])  # other batch mates may pad differently
+        assert answer.mu == pytest.approx(alone.mu.item(), abs=1e-5)
+
+    # A batch of size s answered s one-item requests: the metric must count the same batches.
+    batches = round(sum(1 / size for size in sizes))
+    after = settled(*BATCH_SIZES, [BATCH_COUNT],
+                    until=lambda s: s.get(BATCH_COUNT, 0) >= before[BATCH_COUNT] + batches)
+    assert after[BATCH_COUNT] - before[BATCH_COUNT] == batches < len(requests)
+    for le in ("1.0", "2.0", "4.0", "8.0"):
+        key = f"ray_serve_actual_batch_size_bucket[le={le}]"
+        at_most = round(sum(1 / size for size in sizes if size <= float(le)))
+        assert after.get(key, 0) - before.get(key, 0) == at_most, key
+    settled("ray_spatialrl_serve_items", {"endpoint": "/v1/score"}, [],
+            until=lambda s: s.get("ray_spatialrl_serve_items_total", 0) >= len(requests))
+
+
+def bad_cases(scenes, files_root) -> list[tuple]:
+    """(name, path, body, raw-post options, status, error, message regex)."""
+    prompt, good, _ = scenes[0]
+    image = {"base64": b64(png(good))}
+    noise = np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    gif = png(good, "GIF")
+    return [
+        ("malformed JSON", "/v1/score", b'{"items": [', {}, 400, "bad_json", "not valid JSON"),
+        ("bad base64", "/v1/score", score_body(prompt, {"base64": "@@not base64@@"}), {}, 422,
+         "bad_base64", r"items\.0\.image\.base64: not valid base64"),
+        ("not an image", "/v1/score", score_body(prompt, {"base64": b64(b"plain text")}), {},
+         422, "not_an_image", r"items\.0\.image: not a PNG or JPEG image"),
+        ("a GIF", "/v1/score", score_body(prompt, {"base64": b64(gif)}), {}, 422,
+         "not_an_image", "a GIF image; send PNG or JPEG"),
+        ("truncated PNG", "/v1/score", score_body(prompt, {"base64": b64(png(good)[:200])}),
+         {}, 422, "not_an_image", r"items\.0\.image: unreadable image"),
+        ("oversized image", "/v1/score", score_body(prompt, {"base64": b64(png(noise))}), {},
+         413, "image_too_large", "100x100 = 10000 pixels, above the limit of 9216"),
+        ("aspect ratio", "/v1/score",
+         score_body(prompt, {"base64": b64(png(noise[:1].repeat(11, 1)[:, :1001]))}), {},
+         422, "bad_aspect_ratio", "1001x1 has an aspect ratio above 1000"),
+        ("empty prompt", "/v1/score", score_body("", image), {}, 422, "invalid_request",
+         r"items\.0\.prompt: prompt is empty"),
+        ("blank prompt", "/v1/score", score_body("  \n", image), {}, 422, "invalid_request",
+         r"items\.0\.prompt: prompt is empty"),
+        ("prompt not text", "/v1/score", score_body(5, image), {}, 422, "invalid_request",
+         r"items\.0\.prompt: Input should be a valid string"),
+        ("long prompt", "/v1/score", score_body("a" * 301, image), {}, 422, "prompt_too_long",
+         "301 characters, above the limit of 300"),
+        ("no items", "/v1/score", b'{"items": []}', {}, 422, "invalid_request",
+         "items: List should have at least 1 item"),
+        ("too many items", "/v1/score",
+         json.dumps({"items": [{"prompt": prompt, "image": image}] * 9}).encode(), {}, 413,
+         "too_many_items", "9 items, above the limit of 8"),
+        ("unknown key", "/v1/score", score_body(prompt, image, mode="fast"), {}, 422,
+         "invalid_request", "mode: Extra inputs are not permitted"),
+        ("two image sources", "/v1/score",
+         score_body(prompt, {**image, "url": (files_root / "x.png").as_uri()}), {}, 422,
+         "invalid_request", "give exactly one of 'base64' and 'url'"),
+        ("file outside the folder", "/v1/score", score_body(prompt, {"url": "file:///etc/hosts"}),
+         {}, 403, "outside_local_files_root", "outside the served folder"),
+        ("missing file", "/v1/score",
+         score_body(prompt, {"url": (files_root / "missing.png").as_uri()}), {}, 422,
+         "file_not_found", "no such file"),
+        ("http URL", "/v1/score", score_body(prompt, {"url": "http://127.0.0.1:9/x.png"}), {},
+         422, "bad_url", "only file:// URLs"),
+        ("body too large", "/v1/score", score_body(prompt, image, pad=" " * 1_500_000), {}, 413,
+         "body_too_large", "above the limit of 1500000"),
+        ("no Content-Length", "/v1/score", score_body(prompt, image), {"chunked": True}, 411,
+         "length_required", "Content-Length"),
+        ("no token", "/v1/score", score_body(prompt, image),
+         {"headers": {"Authorization": ""}}, 401, "unauthorized", "bearer token"),
+        ("wrong token", "/v1/score", score_body(prompt, image),
+         {"headers": {"Authorization": "Bearer nope"}}, 401, "unauthorized", "bearer token"),
+        ("compare without image_b", "/v1/compare",
+         json.dumps({"prompt": prompt, "image_a": image}).encode(), {}, 422, "invalid_request",
+         "image_b: Field required"),
+        ("best of too many", "/v1/best-of-n", json.dumps({"prompt": prompt, "n": 5}).encode(), {},
+         422, "too_many_candidates", "n: 5 candidates, above the limit of 4"),
+        # Valid for the API, refused by Qwen2.5-VL (aspect ratio above 200): fails alone.
+        ("image the model refuses", "/v1/score",
+         score_body(prompt, {"base64": b64(png(noise[:1, :1].repeat(300, 1)))}), {}, 500,
+         "scoring_failed", "item 0: .*aspect ratio"),
+    ]
+
+
+def replica_names() -> set[str]:
+    return {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#")}
+
+
+def test_bad_requests_get_a_clear_4xx_while_good_ones_in_flight_succeed(
+        service, client, scenes, files_root, reward):
+    replicas = replica_names()
+    cases = bad_cases(scenes, files_root)
+    good = [(prompt, image) for prompt, image, _ in scenes[:4]]
+    with ThreadPoolExecutor(len(cases) + len(good)) as pool:
+        bad_answers = [pool.submit(post, service, path, body, **options)
+                       for _, path, body, options, *_ in cases]
+        good_answers = [pool.submit(client.score_one, *item) for item in good]
+        answers = [future.result() for future in bad_answers]
+        good_scores = [future.result() for future in good_answers]
+
+    for (name, _, _, _, status, error, message), (got_status, got) in zip(cases, answers,
+                                                                             strict=True):
+        assert (got_status, got["error"]) == (status, error), f"{name}: {got}"
+        assert re.search(message, got["message"]), f"{name}: {got['message']}"
+    for (prompt, image), score in zip(good, good_scores, strict=True):
+        assert score.mu == pytest.approx(reward([image], [prompt]).mu.item(), abs=1e-5)
+    assert replica_names() == replicas, "a replica restarted"
+    assert client.health() == {"status": "ok"}
+
+    # Each refusal is counted under its reason.
+    for outcome in ("bad_base64", "image_too_large", "unauthorized", "scoring_failed"):
+        settled("ray_spatialrl_serve_requests", {"endpoint": "/v1/score", "outcome": outcome},
+                [], until=lambda s: s.get("ray_spatialrl_serve_requests_total", 0) >= 1)
+
+
+def test_the_client_raises_the_services_refusal(client, scenes):
+    prompt, good, _ = scenes[0]
+    with pytest.raises(ServiceError) as refused:
+        client.score_one(" ", good)
+    assert refused.value.status == 422 and refused.value.error == "invalid_request"
+    with pytest.raises(ServiceError, match="HTTP 401 unauthorized"):
+        SpatialScoreClient(client.base_url).score_one(prompt, good)
+
+
+def test_request_logs_name_each_request_without_payloads(client, scenes):
+    canary_prompt = "canary 3f9d a red circle to the left of a blue square"
+    image = png(scenes[2][1])
+    client.score_one(canary_prompt, image)
+    logs_dir = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    text = "\n".join(path.read_text(errors="replace") for path in logs_dir.rglob("*")
+                     if path.is_file() and path.suffix in (".log", ".out", ".err"))
+    assert re.search(r"POST /v1/score status=200 outcome=ok items=1 pixels=4096", text)
+    assert re.search(r"POST /v1/score status=422 outcome=bad_base64", text)
+    for secret in ("canary 3f9d", b64(image)[100:160], TOKEN):
+        assert secret not in text
+
+
+def test_health_readiness_and_openapi_need_no_token(service, service_config, lora_dir):
+    anonymous = SpatialScoreClient(service)
+    assert anonymous.health() == {"status": "ok"}
+    ready = anonymous.ready()
+    assert ready["model_version"] == reward_version(service_config.reward)
+    lora_checksum = files_checksum([lora_dir / LORA_WEIGHTS_FILE])
+    assert ready["generator"] == f"flux:{service_config.generator.model.pretrained}" \
+        f"+lora@{lora_checksum}"
+    openapi = anonymous._request("GET", "/openapi.json")
+    assert {"/v1/score", "/v1/compare", "/v1/best-of-n", "/healthz", "/readyz"} <= set(
+        openapi["paths"])
+    assert "ScoreRequest" in openapi["components"]["schemas"]
+    assert openapi["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_best_of_n_returns_the_best_policy_candidate_with_every_score(
+        client, service_config, reward):
+    prompt = "a red circle to the left of a blue square"
+    answer = client.best_of_n(prompt, n=4, seed=7, return_all_images=True)
+    assert [c.seed for c in answer.candidates] == [7, 8, 9, 10]
+    mu = [c.mu for c in answer.candidates]
+    assert answer.best_index == int(np.argmax(mu))
+
+    expected_images = FluxCandidates(service_config.generator)(prompt, [7, 8, 9, 10])
+    served = [Image.open(io.BytesIO(base64.b64decode(c.png_base64))) for c in answer.candidates]
+    for got, expected in zip(served, expected_images, strict=True):
+        assert np.array_equal(np.asarray(got), np.asarray(expected))
+    assert mu == reward(expected_images, [prompt] * 4).mu.tolist()
+
+    only_best = client.best_of_n(prompt, n=4, seed=7)
+    assert [c.png_base64 is not None for c in only_best.candidates] == [
+        i == answer.best_index for i in range(4)]
