@@ -26,3 +26,36 @@ def tiny_models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_flux_path(tiny_models_dir) -> Path:
     return tiny_models_dir / "flux"
+
+
+@pytest.fixture(scope="session")
+def tiny_spatialscore_path(tiny_models_dir, tmp_path_factory) -> Path:
+    """A random SpatialScore checkpoint (save_pretrained folder) on the tiny Qwen2.5-VL."""
+    import torch
+
+    from spatialrl.reward import SpatialScore, SpatialScoreConfig
+
+    torch.manual_seed(0)
+    model = SpatialScore.from_config(SpatialScoreConfig(
+        base_model=str(tiny_models_dir / "qwen2.5-vl"), dtype="float32", head_hidden_size=32))
+    return model.save_pretrained(tmp_path_factory.mktemp("spatialscore"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_lora_path(tiny_flux_path, tmp_path_factory) -> Path:
+    """A save_lora folder for the tiny FLUX whose adapter changes the images (B != 0)."""
+    import torch
+
+    from spatialrl.config import LoraConfig, PolicyModelConfig
+    from spatialrl.flux.loading import load_flux_pipeline
+    from spatialrl.flux.lora import add_lora, save_lora
+
+    pipeline = load_flux_pipeline(PolicyModelConfig(
+        pretrained=str(tiny_flux_path), dtype="float32", gradient_checkpointing=False))
+    add_lora(pipeline.transformer, LoraConfig(rank=4, alpha=8))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in pipeline.transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return save_lora(pipeline, tmp_path_factory.mktemp("flux-lora"))

@@ -7,7 +7,6 @@ import io
 import math
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,15 +205,8 @@ def test_the_client_sends_every_image_kind_as_png_or_jpeg_bytes(tmp_path):
     assert image_ref(ImageRef(url="file:///a.png")) == {"url": "file:///a.png"}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_models_dir, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return SpatialScore.from_config(SpatialScoreConfig(
-        base_model=str(tiny_models_dir / "qwen2.5-vl"), dtype="float32", head_hidden_size=32,
-    )).save_pretrained(tmp_path_factory.mktemp("spatialscore"))
-
-
-def test_the_reward_version_follows_the_checkpoint_files(checkpoint, tmp_path):
+def test_the_reward_version_follows_the_checkpoint_files(tiny_spatialscore_path, tmp_path):
+    checkpoint = tiny_spatialscore_path
     cfg = RewardConfig(kind="spatialscore", spatialscore_path=str(checkpoint))
     version = reward_version(cfg)
     assert version.startswith("spatialscore@") and len(version) == len("spatialscore@") + 16

@@ -19,21 +19,17 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import ray
-import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from spatialrl.actors.service import APP_NAME, start_service
 from spatialrl.checksum import files_checksum
-from spatialrl.config import LoraConfig, PolicyModelConfig, RewardConfig
+from spatialrl.config import PolicyModelConfig, RewardConfig
 from spatialrl.data.grammar import sample_scene, scene_to_prompt
 from spatialrl.data.perturb import perturb, perturbable_indices
 from spatialrl.data.render import render
-from spatialrl.flux.loading import load_flux_pipeline
-from spatialrl.flux.lora import add_lora, save_lora
 from spatialrl.generation import LORA_WEIGHTS_FILE, FluxCandidates
-from spatialrl.reward import SpatialScore, SpatialScoreConfig
 from spatialrl.rewards import build_reward, reward_version
 from spatialrl.service.api import ImageRef, probability_preferred
 from spatialrl.service.client import ServiceError, SpatialScoreClient
@@ -69,44 +65,25 @@ def b64(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_models_dir, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = SpatialScore.from_config(SpatialScoreConfig(
-        base_model=str(tiny_models_dir / "qwen2.5-vl"), dtype="float32", head_hidden_size=32))
-    return model.save_pretrained(tmp_path_factory.mktemp("spatialscore"))
-
-
-@pytest.fixture(scope="module")
-def lora_dir(tiny_flux_path, tmp_path_factory) -> Path:
-    """A LoRA that changes the tiny FLUX's images (its B matrices are not zero)."""
-    pipeline = load_flux_pipeline(PolicyModelConfig(
-        pretrained=str(tiny_flux_path), dtype="float32", gradient_checkpointing=False))
-    add_lora(pipeline.transformer, LoraConfig(rank=4, alpha=8))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in pipeline.transformer.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    return save_lora(pipeline, tmp_path_factory.mktemp("lora"))
-
-
-@pytest.fixture(scope="module")
 def files_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("served-files")
 
 
 @pytest.fixture(scope="module")
-def service_config(checkpoint, lora_dir, tiny_flux_path, files_root) -> ServiceConfig:
+def service_config(tiny_spatialscore_path, tiny_flux_lora_path, tiny_flux_path,
+                   files_root) -> ServiceConfig:
     return ServiceConfig(
         port=free_port(), auth_token_env=TOKEN_ENV, local_files_root=str(files_root),
         limits=LIMITS,
-        reward=RewardConfig(kind="spatialscore", spatialscore_path=str(checkpoint), serving={
-            "max_batch_size": 8, "batch_wait_timeout_s": BATCH_WAIT_S, "gpus_per_replica": 0,
-            "cpus_per_replica": 0.25}),
+        reward=RewardConfig(
+            kind="spatialscore", spatialscore_path=str(tiny_spatialscore_path), serving={
+                "max_batch_size": 8, "batch_wait_timeout_s": BATCH_WAIT_S,
+                "gpus_per_replica": 0, "cpus_per_replica": 0.25}),
         generator=FluxGeneratorConfig(
             model=PolicyModelConfig(pretrained=str(tiny_flux_path), dtype="float32",
                                     gradient_checkpointing=False),
-            lora_path=str(lora_dir), height=64, width=64, num_steps=4, max_sequence_length=32,
+            lora_path=str(tiny_flux_lora_path), height=64, width=64, num_steps=4,
+            max_sequence_length=32,
             serving={"cpus_per_replica": 0.25}),
     )
 
@@ -385,12 +362,13 @@ def test_request_logs_name_each_request_without_payloads(client, scenes):
         assert secret not in text
 
 
-def test_health_readiness_and_openapi_need_no_token(service, service_config, lora_dir):
+def test_health_readiness_and_openapi_need_no_token(service, service_config,
+                                                     tiny_flux_lora_path):
     anonymous = SpatialScoreClient(service)
     assert anonymous.health() == {"status": "ok"}
     ready = anonymous.ready()
     assert ready["model_version"] == reward_version(service_config.reward)
-    lora_checksum = files_checksum([lora_dir / LORA_WEIGHTS_FILE])
+    lora_checksum = files_checksum([tiny_flux_lora_path / LORA_WEIGHTS_FILE])
     assert ready["generator"] == f"flux:{service_config.generator.model.pretrained}" \
         f"+lora@{lora_checksum}"
     openapi = anonymous._request("GET", "/openapi.json")
