@@ -10,9 +10,20 @@ in flight (see spatialrl.staleness for the one definition of version and stalene
 Rollout actor calls run in submission order, so weights published before a rollout call are
 the weights it samples with, and every group reports the version that sampled it.
 
-Faults: a rollout actor that dies is restarted by Ray; its groups are redone from the same
-seeds after the current weights are loaded into it again, and counted. A group is trained on
-only once its G samples are all scored, so nothing is trained on twice or half.
+Faults: a rollout actor that dies (alone or with its node) is restarted by Ray, on another
+node if its own is gone; its groups are redone from the same seeds after the current weights
+are loaded into it again, and counted. A group is trained on only once its G samples are all
+scored, so nothing is trained on twice or half.
+
+A learner rank that dies (its process or its node) loses the DeepSpeed group's state: the
+trainer tears the group down, builds a new one, loads the newest complete checkpoint (or the
+initial weights if there is none yet), rolls the loop back to that checkpoint's
+next_iteration, discards the rollouts in flight and resyncs the rollout actors; it counts
+faults/learner_restarts and faults/redone_iterations. Metrics are logged as each iteration
+ends, not held back until the next checkpoint, so that a long run stays observable: the MLflow
+history of a redone iteration's step therefore holds two points, the abandoned attempt and,
+later, the redo, and MLflow's latest value of each step is the redo. The ledger file of a
+redone iteration is overwritten, so it lists what the surviving line of updates trained on.
 
 Checkpoints fence versions: a checkpoint holds the learner after iteration i (version v) and
 next_iteration = i + 1. Rollouts already in flight for later iterations are not part of it; a
@@ -34,7 +45,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import (
+    ActorUnavailableError,
+    GetTimeoutError,
+    ObjectLostError,
+    RayActorError,
+    RayError,
+)
 from ray.serve.handle import DeploymentHandle
 from ray.util.placement_group import remove_placement_group
 
@@ -61,6 +78,13 @@ from spatialrl.train_batch import ScoredGroup, build_train_batch, ledger_row
 log = logging.getLogger(__name__)
 
 RESTART_POLL_MAX_S = 5.0  # longest wait between reload attempts while an actor restarts
+# After a learner call failed: a rank that does not answer a no-op within this long is taken
+# for lost (dead, or stuck in a collective with a dead peer).
+LEARNER_PING_S = 10.0
+
+
+class LearnerLost(Exception):
+    """A learner rank died during a learner call."""
 
 
 @dataclass
@@ -158,6 +182,14 @@ class RayTrainer:
             raise
 
     def _restore(self, folder: Path) -> None:
+        state = self._load_checkpoint(folder)
+        self.start_iteration = state.next_iteration
+        self.counters.update(state.counters)
+        log.info("resumed from %s at iteration %d, version %d", folder, state.next_iteration,
+                 state.version)
+
+    def _load_checkpoint(self, folder: Path) -> RunState:
+        """Load a checkpoint into the learners after checking that it belongs to this run."""
         state = load_run_state(folder)
         per_iteration = self.cfg.prompts.prompts_per_iteration
         if state.prompt_cursor != state.next_iteration * per_iteration:
@@ -172,10 +204,7 @@ class RayTrainer:
         if self.learners.version != state.version:
             raise RuntimeError(f"{folder}: learner at version {self.learners.version}, "
                                f"run state at {state.version}")
-        self.start_iteration = state.next_iteration
-        self.counters.update(state.counters)
-        log.info("resumed from %s at iteration %d, version %d", folder, state.next_iteration,
-                 state.version)
+        return state
 
     # --- weights -------------------------------------------------------------------------
 
@@ -250,7 +279,8 @@ class RayTrainer:
                     return result
                 log.warning("rollout actor %d answered from version %d, expected %d: restarted",
                             index, version_of(result), expected)
-            except RayActorError as err:
+            # A lost object: the answer was on a node that died before the driver fetched it.
+            except (RayActorError, ObjectLostError) as err:
                 log.warning("rollout actor %d died: %s", index, err)
             self.counters["faults/redone_groups"] += redo_groups
             await self._reload(index)
@@ -371,56 +401,133 @@ class RayTrainer:
         # + 4) would cap the groups being scored at once.
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64))
         self.tracker.log_params(flatten(cfg))
-        await asyncio.to_thread(self._publish)
-        await self._finish_sync(self._start_sync())  # version 0 (or the resumed one) verified
-        ledger_dir = self.output_dir / "ledger"
-        ledger_dir.mkdir(parents=True, exist_ok=True)
+        await self._sync_weights()  # version 0 (or the resumed one) verified
+        (self.output_dir / "ledger").mkdir(parents=True, exist_ok=True)
         in_flight: dict[int, asyncio.Task] = {}
         history = []
-        last_done = time.perf_counter()
+        self.last_done = time.perf_counter()
+        iteration = self.start_iteration
         try:
-            for iteration in range(self.start_iteration, cfg.iterations):
-                self._dispatch(in_flight, iteration)
-                wait_start = time.perf_counter()
-                data = await in_flight.pop(iteration)
-                timings = {"time/wait_s": time.perf_counter() - wait_start,
-                           "time/rollout_s": data.rollout_s,
-                           "time/rollout_compute_s": data.rollout_compute_s,
-                           "time/reward_s": data.reward_s}
-                # The learner runs in a thread so that in-flight rollouts keep being scored.
-                metrics, ledger = await asyncio.to_thread(self._train, data)
-                if "time/learn_s" in metrics:
-                    publish_s = await asyncio.to_thread(self._publish)
-                    loads = self._start_sync()
-                    self._dispatch(in_flight, iteration + 1)  # after the loads: new weights
-                    timings["time/broadcast_s"] = publish_s + await self._finish_sync(loads)
-                metrics.update(timings)
-                if self.reward_batch_sizes:
-                    metrics["reward/batch_size_mean"] = float(np.mean(self.reward_batch_sizes))
-                    self.reward_batch_sizes.clear()
-                pq.write_table(pa.Table.from_pylist(ledger),
-                               ledger_dir / f"{iteration:06d}.parquet")
-                last = iteration == cfg.iterations - 1
-                if cfg.eval_every and (iteration % cfg.eval_every == 0 or last):
-                    metrics.update(await self._evaluate(iteration))
-                if (cfg.checkpoint_every and (iteration + 1) % cfg.checkpoint_every == 0) or last:
-                    await asyncio.to_thread(self._checkpoint, iteration)
-                now = time.perf_counter()
-                images = sum(len(g.mu) for g in data.groups)
-                metrics.update({
-                    "time/iteration_s": now - last_done,
-                    "throughput/images_per_s": images / (now - last_done),
-                    "policy/version": float(self.learners.version),
-                    **{name: float(value) for name, value in self.counters.items()},
-                })
-                last_done = now
-                self.tracker.log_metrics(metrics, step=iteration)
-                log.info("iteration %d: %s", iteration, _summary(metrics))
-                history.append(metrics)
+            while iteration < cfg.iterations:
+                try:
+                    history.append(await self._iteration(iteration, in_flight))
+                    iteration += 1
+                except LearnerLost as lost:
+                    iteration = await self._restart_learners(in_flight, iteration, lost)
+                    del history[iteration - self.start_iteration:]
         finally:
             for task in in_flight.values():
                 task.cancel()
         return history
+
+    async def _iteration(self, iteration: int, in_flight: dict[int, asyncio.Task]
+                         ) -> dict[str, float]:
+        """Train on one iteration's rollouts, publish, evaluate, checkpoint, log."""
+        cfg = self.cfg
+        self._dispatch(in_flight, iteration)
+        wait_start = time.perf_counter()
+        data = await in_flight.pop(iteration)
+        timings = {"time/wait_s": time.perf_counter() - wait_start,
+                   "time/rollout_s": data.rollout_s,
+                   "time/rollout_compute_s": data.rollout_compute_s,
+                   "time/reward_s": data.reward_s}
+        # The learner runs in a thread so that in-flight rollouts keep being scored.
+        metrics, ledger = await self._on_learners(self._train, data)
+        if "time/learn_s" in metrics:
+            publish_s = await self._on_learners(self._publish)
+            loads = self._start_sync()
+            self._dispatch(in_flight, iteration + 1)  # after the loads: new weights
+            timings["time/broadcast_s"] = publish_s + await self._finish_sync(loads)
+        metrics.update(timings)
+        if self.reward_batch_sizes:
+            metrics["reward/batch_size_mean"] = float(np.mean(self.reward_batch_sizes))
+            self.reward_batch_sizes.clear()
+        pq.write_table(pa.Table.from_pylist(ledger),
+                       self.output_dir / "ledger" / f"{iteration:06d}.parquet")
+        last = iteration == cfg.iterations - 1
+        if cfg.eval_every and (iteration % cfg.eval_every == 0 or last):
+            metrics.update(await self._evaluate(iteration))
+        if (cfg.checkpoint_every and (iteration + 1) % cfg.checkpoint_every == 0) or last:
+            await self._on_learners(self._checkpoint, iteration)
+        now = time.perf_counter()
+        images = sum(len(g.mu) for g in data.groups)
+        metrics.update({
+            "time/iteration_s": now - self.last_done,
+            "throughput/images_per_s": images / (now - self.last_done),
+            "policy/version": float(self.learners.version),
+            **{name: float(value) for name, value in self.counters.items()},
+        })
+        self.last_done = now
+        self.tracker.log_metrics(metrics, step=iteration)
+        log.info("iteration %d: %s", iteration, _summary(metrics))
+        return metrics
+
+    # --- learner faults ------------------------------------------------------------------
+
+    async def _sync_weights(self) -> None:
+        """Publish the learners' weights and load them into every rollout actor, verified."""
+        await self._on_learners(self._publish)
+        await self._finish_sync(self._start_sync())
+
+    async def _on_learners(self, call, *args):
+        """A blocking call into the learner group, in a thread; an error with a rank gone is
+        LearnerLost, any other error (a bug, a NaN) is raised as it is."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except RayError as error:
+            if await asyncio.to_thread(self._learners_alive):
+                raise
+            raise LearnerLost(f"{type(error).__name__}: {error}") from error
+
+    def _learners_alive(self) -> bool:
+        # __ray_ready__ is the no-op method Ray gives every actor.
+        pings = [worker.__ray_ready__.remote() for worker in self.learners.workers]
+        try:
+            ray.get(pings, timeout=LEARNER_PING_S)
+        except (RayActorError, GetTimeoutError):
+            return False
+        return True
+
+    async def _restart_learners(self, in_flight: dict[int, asyncio.Task], failed_iteration: int,
+                                lost: LearnerLost) -> int:
+        """A new learner group from the newest complete checkpoint (the initial weights when
+        there is none yet); returns the iteration to go on from."""
+        cfg = self.cfg
+        restarts = self.counters["faults/learner_restarts"] + 1
+        if restarts > cfg.cluster.max_learner_restarts:
+            raise RuntimeError(f"learner group lost {restarts:g} times (cluster."
+                               f"max_learner_restarts={cfg.cluster.max_learner_restarts})"
+                               ) from lost
+        if not cfg.lora.enabled:
+            raise RuntimeError("a learner rank died during full fine-tuning; the full-weight "
+                               "broadcast group cannot be rebuilt in the run. Resume with "
+                               "--resume.") from lost
+        log.warning("learner lost at iteration %d (%s): restarting the learner group",
+                    failed_iteration, lost)
+        for task in in_flight.values():  # sampled by weights that the rollback discards
+            task.cancel()
+        in_flight.clear()
+        await asyncio.to_thread(self.learners.shutdown)
+        self.learners = None
+        self.learners = await asyncio.to_thread(LearnerGroup, cfg)
+        try:
+            folder = latest_checkpoint(self.output_dir)
+        except FileNotFoundError:
+            folder = None
+        state = await asyncio.to_thread(self._load_checkpoint, folder) if folder else None
+        next_iteration = state.next_iteration if state else 0
+        # Data counters go back to the checkpoint with the data; fault counters keep counting.
+        faults = {k: v for k, v in self.counters.items() if k.startswith("faults/")}
+        self.counters = Counter({k: v for k, v in (state.counters if state else {}).items()
+                                 if not k.startswith("faults/")})
+        self.counters.update(faults)
+        self.counters["faults/learner_restarts"] = restarts
+        self.counters["faults/redone_iterations"] += failed_iteration - next_iteration
+        self.reward_batch_sizes.clear()
+        await self._sync_weights()
+        log.warning("learner group restarted from %s at iteration %d, version %d",
+                    folder or "the initial weights", next_iteration, self.learners.version)
+        return next_iteration
 
     def run(self) -> list[dict[str, float]]:
         """fit() to the end, then release every actor, the reward app and placement group."""

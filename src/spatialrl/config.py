@@ -207,6 +207,8 @@ class ClusterConfig(Section):
     placement_timeout_s: float = Field(900.0, gt=0)
     # Restarts allowed per rollout actor before the run fails.
     max_actor_restarts: int = Field(3, ge=0)
+    # Times the learner group may be rebuilt from the last checkpoint after losing a rank.
+    max_learner_restarts: int = Field(3, ge=0)
     # Longest wait in the full-weight broadcast group (full fine-tuning) before it errors.
     weight_sync_timeout_s: float = Field(600.0, gt=0)
 
