@@ -71,13 +71,13 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from spatialrl.actors.service import APP_NAME, start_service
+    from spatialrl.actors.service import APP_NAME, auth_token, start_service
     from spatialrl.service.config import LOOPBACK_HOSTS
 
     cfg = load_service_config(args)
     cfg.host = args.host or cfg.host
     cfg.port = args.port or cfg.port
-    if cfg.host not in LOOPBACK_HOSTS and cfg.auth_token_env is None:
+    if auth_token(cfg) is None and cfg.host not in LOOPBACK_HOSTS:
         log.warning("serving on %s without authentication (auth_token_env is unset)", cfg.host)
     ray.init(address=args.address)
     try:
