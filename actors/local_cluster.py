@@ -1,0 +1,191 @@
+"""A local autoscaling Ray cluster: a head node plus worker node types that Ray's autoscaler
+starts and stops on demand as raylet processes on this machine (Ray's fake multi-node
+provider). It rehearses on one machine what a cloud cluster does with the trainer: waiting
+placement groups make the autoscaler add nodes of the types that offer their resources, idle
+nodes are removed, and a node can be killed to see what the run loses.
+
+Unlike ray.cluster_utils.AutoscalingCluster this never runs `ray stop` (which stops every Ray
+instance on the machine, other users' too) and needs no example.yaml from Ray's source tree
+(the wheel does not ship it): the cluster lives in its own temp dir, every process it starts
+names that dir on its command line, and shutdown() ends exactly those. Nodes bind this
+machine's address, as a local `ray.init()` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import ray
+
+HEAD_NODE_TYPE = "ray.head.default"  # the fake provider's name for the head
+NODE_TYPE_LABEL = "node-type"  # the label each worker node carries: its node type's name
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def autoscaling_config(worker_node_types: dict[str, dict], gcs_address: str,
+                       idle_timeout_s: float) -> dict:
+    """A `ray up`-style config for the fake provider; the head advertises no CPUs (as in
+    cluster/aws.yaml), so every actor needs a worker node."""
+    return {
+        "cluster_name": "spatialrl-local",
+        "max_workers": sum(spec.get("max_workers", 1) for spec in worker_node_types.values()),
+        "provider": {
+            "type": "fake_multinode", "gcs_address": gcs_address,
+            # Fake nodes share one IP: the autoscaler tells them apart by node id.
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True, "disable_launch_config_check": True,
+        },
+        "head_node_type": HEAD_NODE_TYPE,
+        "available_node_types": {
+            HEAD_NODE_TYPE: {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            **{name: {"node_config": {}, "min_workers": 0, "labels": {NODE_TYPE_LABEL: name},
+                      **spec}
+               for name, spec in worker_node_types.items()},
+        },
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_s / 60,
+        # Keys the autoscaler reads even though fake nodes run no setup.
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+class LocalAutoscalingCluster:
+    """`worker_node_types`: name -> {"resources": {...}, "max_workers": n} as in a `ray up`
+    config; `resources` may hold object_store_memory (bytes) to keep each node's store small.
+    """
+
+    def __init__(self, worker_node_types: dict[str, dict], idle_timeout_s: float = 6.0,
+                 heartbeat_timeout_s: int = 10, object_store_bytes: int = 200 * 2**20):
+        self.worker_node_types = worker_node_types
+        self.idle_timeout_s = idle_timeout_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.object_store_bytes = object_store_bytes
+        self.temp_dir: str | None = None
+        self.address: str | None = None
+
+    def start(self) -> str:
+        """Start the head and its autoscaler; returns the GCS address to ray.init()."""
+        # Short: Unix socket paths under it must stay below 108 characters.
+        self.temp_dir = tempfile.mkdtemp(prefix="rayfc-", dir="/tmp")
+        host = ray.util.get_node_ip_address()
+        port = free_port(host)
+        self.address = f"{host}:{port}"
+        config_path = Path(self.temp_dir) / "autoscaling.json"
+        config_path.write_text(json.dumps(
+            autoscaling_config(self.worker_node_types, self.address, self.idle_timeout_s)))
+        env = {
+            **os.environ,
+            "RAY_FAKE_CLUSTER": "1",
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            # A node whose raylet stops reporting is replaced after this long (default 30 s).
+            "AUTOSCALER_HEARTBEAT_TIMEOUT_S": str(self.heartbeat_timeout_s),
+            # A throwaway cluster of this machine. Token auth (Ray's default) would need the
+            # token mode set before Ray is imported in the driver, so it is off here.
+            "RAY_AUTH_MODE": "disabled",
+        }
+        env.pop("RAY_ADDRESS", None)
+        # A dead node is declared dead after 3 missed 1 s health checks (default 5 x 3 s).
+        system_config = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+        ray_cli = Path(sys.executable).parent / "ray"
+        started = subprocess.run(
+            [str(ray_cli), "start", "--head", f"--port={port}", f"--node-ip-address={host}",
+             f"--temp-dir={self.temp_dir}", f"--autoscaling-config={config_path}",
+             "--num-cpus=0", f"--object-store-memory={self.object_store_bytes}",
+             "--include-dashboard=false", "--disable-usage-stats",
+             f"--system-config={json.dumps(system_config)}"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        if started.returncode != 0:
+            raise RuntimeError(f"ray start --head failed ({started.returncode}): "
+                               f"{(started.stdout + started.stderr)[-3000:]}")
+        return self.address
+
+    def connect(self) -> None:
+        ray.init(address=self.address, log_to_driver=False)
+
+    # --- nodes -------------------------------------------------------------------------
+
+    @staticmethod
+    def alive_nodes() -> list[dict]:
+        return [node for node in ray.nodes() if node["Alive"]]
+
+    @staticmethod
+    def node_type(node: dict) -> str:
+        return node.get("Labels", {}).get(NODE_TYPE_LABEL, HEAD_NODE_TYPE)
+
+    def worker_counts(self) -> Counter:
+        """Alive worker nodes per node type."""
+        return Counter(self.node_type(n) for n in self.alive_nodes()
+                       if self.node_type(n) != HEAD_NODE_TYPE)
+
+    def nodes_of_type(self, name: str) -> list[dict]:
+        return [n for n in self.alive_nodes() if self.node_type(n) == name]
+
+    def kill_node(self, node_id: str) -> int:
+        """SIGKILL a node's raylet, as when its machine is lost; its workers die with it.
+        Returns the raylet's pid."""
+        (raylet,) = [p for p in self._processes()
+                     if p.name() == "raylet" and f"--node_id={node_id}" in p.cmdline()]
+        raylet.send_signal(signal.SIGKILL)
+        return raylet.pid
+
+    @staticmethod
+    def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+        """Poll until condition() holds; returns the seconds it took."""
+        start = time.monotonic()
+        while not condition():
+            if time.monotonic() - start > timeout_s:
+                raise TimeoutError(f"{what}: not after {timeout_s:g} s")
+            time.sleep(0.5)
+        return time.monotonic() - start
+
+    # --- teardown ----------------------------------------------------------------------
+
+    def _processes(self) -> list[psutil.Process]:
+        """This cluster's processes: each names the cluster's temp dir on its command line."""
+        found = []
+        for process in psutil.process_iter(["cmdline"]):
+            if any(self.temp_dir in arg for arg in process.info["cmdline"] or ()):
+                found.append(process)
+        return found
+
+    def shutdown(self) -> None:
+        """End this cluster's processes (the driver must have called ray.shutdown())."""
+        if self.temp_dir is None:
+            return
+        processes = self._processes()
+        for process in processes:
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(processes, timeout=10)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.temp_dir = None

@@ -1,0 +1,94 @@
+"""The Ray trainer on a local autoscaling cluster (Ray's fake multi-node provider): the run
+starts with the head node alone, the trainer's placement groups make the autoscaler add one
+node per role, idle nodes are removed, and the run survives a lost rollout node and a lost
+learner rank. The scenarios are bench/fault_tolerance.py's (which records them in
+bench/results/fault_tolerance.json); here they are asserted."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
+
+BENCH = Path(__file__).parents[1] / "bench" / "fault_tolerance.py"
+ROLES = {"rollout", "reward", "learner"}
+IDLE_REMOVAL_S = 120  # idle timeout 6 s, plus autoscaler rounds on a loaded machine
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("fault_tolerance", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = bench.LocalAutoscalingCluster(bench.NODE_TYPES)
+    try:
+        cluster.start()
+        cluster.connect()
+        yield cluster
+    finally:
+        bench.stop_cluster(cluster)
+
+
+def assert_nothing_lost(record):
+    assert record["lost"] == {"groups_twice": 0, "groups_partial": 0, "groups_missing": 0,
+                              "groups_wrong_kept": 0, "foreign_rows": 0}
+
+
+def test_the_autoscaler_adds_one_node_per_role_and_removes_them_when_idle(
+        cluster, tiny_flux_path, tmp_path):
+    assert cluster.worker_counts() == {}  # the head alone
+    cfg = bench.trainer_config(tiny_flux_path, tmp_path, "iterations=2", "checkpoint_every=0")
+
+    async def no_fault(trainer):
+        return None
+
+    record = bench.run_with_fault(cluster, cfg, no_fault)
+    assert record["worker_nodes_at_start"] == {}
+    assert record["node_types_launched"] == {"rollout": 1, "reward": 1, "learner": 1}
+    assert record["final_version"] == 2.0
+    assert_nothing_lost(record)
+    cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
+    assert [cluster.node_type(n) for n in cluster.alive_nodes()] == ["ray.head.default"]
+
+
+def test_a_lost_rollout_node_is_replaced_and_its_groups_redone(cluster, tiny_flux_path,
+                                                               tmp_path):
+    cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
+    record = bench.rollout_node_lost(cluster, tiny_flux_path, tmp_path)
+    killed = record["killed"]
+    assert killed["at_learner_version"] >= 1
+    # The replacement is a second rollout node; nothing else was added.
+    assert record["node_types_launched"] == {"rollout": 2, "reward": 1, "learner": 1}
+    assert record["iterations"] == 3 and record["final_version"] == 3.0
+    faults = record["faults_logged"]
+    assert faults["faults/rollout_actor_failures"] >= 2  # both actors were on the node
+    assert faults["faults/redone_groups"] >= 1
+    assert faults.get("faults/learner_restarts", 0) == 0
+    assert_nothing_lost(record)
+
+
+def test_a_lost_learner_rank_resumes_from_the_last_checkpoint(cluster, tiny_flux_path,
+                                                              tmp_path):
+    cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
+    record = bench.learner_lost(cluster, tiny_flux_path, tmp_path)
+    assert record["killed"]["after_iteration"] == 2
+    assert record["iterations"] == 4 and record["final_version"] == 4.0
+    faults = record["faults_logged"]
+    assert faults["faults/learner_restarts"] == 1
+    # Iteration 2 came after the checkpoint of iteration 1: redone, and logged twice.
+    assert faults["faults/redone_iterations"] == 1
+    assert record["policy_version_history"] == [(0, 1.0), (1, 2.0), (2, 3.0), (2, 3.0),
+                                                (3, 4.0)]
+    assert_nothing_lost(record)
+    metrics = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
+        record["run_id"]).data.metrics
+    assert metrics["policy/version"] == 4.0
