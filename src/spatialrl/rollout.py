@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from spatialrl.config import SamplingConfig
+from spatialrl.flux.encoding import PromptEmbeddingCache
 from spatialrl.flux.sampler import Trajectory, sample
 
 
@@ -42,8 +43,13 @@ def sample_groups(
     run_seed: int,
     group_size: int,
     cfg: SamplingConfig,
+    prompt_cache: PromptEmbeddingCache | None = None,
 ) -> list[RolloutGroup]:
-    """Sample `group_size` trajectories for each prompt, `cfg.batch_size` images at a time."""
+    """Sample `group_size` trajectories for each prompt, `cfg.batch_size` images at a time.
+
+    Each prompt is encoded once, however many batches its group spans; a caller that keeps
+    `prompt_cache` across iterations encodes a recurring prompt only once in all."""
+    prompt_cache = PromptEmbeddingCache() if prompt_cache is None else prompt_cache
     flat_prompts = [p for p in prompts for _ in range(group_size)]
     seeds = [
         rollout_seed(run_seed, iteration, p, i) for p in prompts for i in range(group_size)
@@ -51,7 +57,9 @@ def sample_groups(
     parts, images = [], []
     for start in range(0, len(flat_prompts), cfg.batch_size):
         end = start + cfg.batch_size
-        trajectory, batch_images = sample(pipeline, flat_prompts[start:end], seeds[start:end], cfg)
+        trajectory, batch_images = sample(
+            pipeline, flat_prompts[start:end], seeds[start:end], cfg, prompt_cache=prompt_cache
+        )
         parts.append(trajectory)
         images.extend(batch_images)
     everything = Trajectory.concat(parts)

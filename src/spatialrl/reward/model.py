@@ -83,6 +83,17 @@ class SpatialScore(nn.Module):
             attn_implementation=config.attn_implementation,
             use_safetensors=True,  # never a pickled checkpoint
         )
+        return cls.from_backbone(backbone, processor, config)
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: Qwen2_5_VLForConditionalGeneration,
+        processor: SpatialScoreProcessor,
+        config: SpatialScoreConfig,
+    ) -> SpatialScore:
+        """A new reward model on a backbone already built (e.g. random weights of a config,
+        for benchmarks): what from_config does after loading it."""
         # Qwen pads its embedding matrix (152064 rows for 151665 tokens), so the new token
         # usually fits already; never shrink.
         rows = backbone.get_input_embeddings().weight.shape[0]
