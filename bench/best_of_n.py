@@ -15,9 +15,10 @@ candidates:
 - spatialscore-random: an untrained tiny SpatialScore, the control (should be near one sample).
 - each --spatialscore NAME=CKPT: a SpatialScore checkpoint, e.g. one from
   `spatialrl reward train` on shapes-world pairs.
-Per ranker: the single-sample rate (share of all candidates the evaluator judges fully
-correct: the expected rate of one sample), the best-of-N rate (share of prompts whose pick is
-fully correct), and the same two for the mean relation accuracy.
+Per ranker: the best-of-N rate (share of prompts whose pick the evaluator judges fully
+correct) and mean relation accuracy of the picks, beside the single-sample rates (share of all
+candidates judged fully correct: the expected rate of one sample). With --pairs, each
+SpatialScore's held-out pairwise accuracy on that file's test split, to read the rates by.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from results_file import write_result
 from spatialrl.commands.tiny_models import write_tiny_models
 from spatialrl.config import RewardConfig
 from spatialrl.data.evaluate import evaluate
+from spatialrl.data.pairs import read_pairs
 from spatialrl.data.shapes import sample_prompts
 from spatialrl.generation import ShapesCandidates, best_index, candidate_seeds
 from spatialrl.reward import SpatialScore, SpatialScoreConfig
+from spatialrl.reward.evaluation import accuracy_summary, score_pairs
 from spatialrl.rewards import build_reward, reward_version
 from spatialrl.service.config import ShapesGeneratorConfig
 
@@ -61,6 +64,14 @@ def rankers(args, workdir: Path) -> dict[str, RewardConfig]:
     return configs
 
 
+def pairwise_accuracy(cfg: RewardConfig, pairs_file: str | None) -> float | None:
+    if cfg.kind != "spatialscore" or pairs_file is None:
+        return None
+    model = SpatialScore.from_pretrained(cfg.spatialscore_path)
+    records = score_pairs(model, read_pairs(pairs_file, "test").pairs, batch_size=16)
+    return accuracy_summary(records)["accuracy"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=100)
@@ -68,6 +79,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--relation-error-rate", type=float, default=0.5)
     parser.add_argument("--spatialscore", action="append", default=[], metavar="NAME=CKPT")
+    parser.add_argument("--pairs", help="shapes-world pairs parquet (test split) to measure "
+                        "each SpatialScore's pairwise accuracy on")
     parser.add_argument("--out", default=str(REPO / "bench/results/best_of_n.json"))
     args = parser.parse_args()
 
@@ -89,12 +102,15 @@ def main() -> None:
             start = time.perf_counter()
             picks = [best_index(reward(images, [prompt] * args.n).mu.tolist())
                      for prompt, images in zip(prompts, candidates, strict=True)]
+            ranking_s = time.perf_counter() - start
             rows = np.arange(len(prompts))
             results[name] = {
                 "reward_version": reward_version(cfg),
+                "checkpoint": cfg.spatialscore_path,
+                "heldout_pairwise_accuracy": pairwise_accuracy(cfg, args.pairs),
                 "best_of_n_all_correct_rate": float(correct[rows, picks].mean()),
                 "best_of_n_relation_accuracy": float(accuracy[rows, picks].mean()),
-                "ranking_s": time.perf_counter() - start,
+                "ranking_s": ranking_s,
             }
     write_result({
         "what": f"best-of-{args.n} vs one sample on {args.prompts} held-out shapes-world "
