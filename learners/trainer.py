@@ -113,6 +113,9 @@ class RolloutFleet:
     actors: list = field(default_factory=list)
     # Per actor, the version of the last weights sent to it: what its next call must report.
     expected_versions: list[int] = field(default_factory=list)
+    # Per actor, the deaths handled so far, and the lock that handles one at a time.
+    deaths_handled: list[int] = field(default_factory=list)
+    recovering: list[asyncio.Lock] = field(default_factory=list)
 
     def start(self) -> None:
         cfg = self.cfg
@@ -127,6 +130,8 @@ class RolloutFleet:
             for index, one in enumerate(bundles)
         ]
         self.expected_versions = [0] * len(self.actors)
+        self.deaths_handled = [0] * len(self.actors)
+        self.recovering = [asyncio.Lock() for _ in self.actors]
 
     def load(self, index: int, published: Published) -> ray.ObjectRef:
         self.expected_versions[index] = published.version
@@ -218,23 +223,36 @@ class RayTrainer:
             self.published = Published(self.learners.version, None, None)
         return time.perf_counter() - start
 
-    def _start_sync(self) -> list[ray.ObjectRef]:
-        """Submit the published weights to every actor: calls after these sample with them."""
+    def _start_sync(self) -> list[tuple[ray.ObjectRef, int]]:
+        """Submit the published weights to every actor: calls after these sample with them.
+        Each load comes with the deaths of its actor handled when it was sent."""
         if not self.cfg.lora.enabled:
             self.full_weight_sends = self.learners.send_full_weights()
-        return [self.fleet.load(i, self.published) for i in range(len(self.fleet.actors))]
+        return [(self.fleet.load(i, self.published), self.fleet.deaths_handled[i])
+                for i in range(len(self.fleet.actors))]
 
-    async def _finish_sync(self, loads: list[ray.ObjectRef]) -> float:
+    async def _finish_sync(self, loads: list[tuple[ray.ObjectRef, int]]) -> float:
         """Verify every actor's checksum; the slowest actor-side load time."""
         if not self.cfg.lora.enabled:
             self.published.checksum = (await asyncio.gather(*self.full_weight_sends))[0]
         seconds = []
-        for index, load in enumerate(loads):
+        for index, (load, seen) in enumerate(loads):
             try:
                 seconds.append(verify_load(index, self.published, await load))
             except RayActorError:
-                seconds.append(await self._reload(index))
+                seconds.append(await self._recover(index, seen))
         return max(seconds)
+
+    async def _recover(self, index: int, seen: int) -> float:
+        """After a call failed that was sent when `seen` deaths of the actor were handled.
+        Calls in flight together fail together: the first one to get here counts the death
+        and reloads the actor, the others find it handled. Returns the reload seconds."""
+        async with self.fleet.recovering[index]:
+            if self.fleet.deaths_handled[index] != seen:
+                return 0.0
+            seconds = await self._reload(index)
+            self.fleet.deaths_handled[index] += 1
+            return seconds
 
     async def _reload(self, index: int) -> float:
         """After an actor died: Ray restarts it with the initial weights; load the current
@@ -273,6 +291,7 @@ class RayTrainer:
         seeds."""
         while True:
             expected = self.fleet.expected_versions[index]
+            seen = self.fleet.deaths_handled[index]
             try:
                 result = await submit(self.fleet.actors[index])
                 if version_of(result) == expected:
@@ -283,7 +302,7 @@ class RayTrainer:
             except (RayActorError, ObjectLostError) as err:
                 log.warning("rollout actor %d died: %s", index, err)
             self.counters["faults/redone_groups"] += redo_groups
-            await self._reload(index)
+            await self._recover(index, seen)
 
     async def _rollout_share(self, index: int, share: list[tuple[int, str]], iteration: int
                              ) -> list[dict]:

@@ -70,7 +70,8 @@ def test_a_lost_rollout_node_is_replaced_and_its_groups_redone(cluster, tiny_flu
     assert record["node_types_launched"] == {"rollout": 2, "reward": 1, "learner": 1}
     assert record["iterations"] == 3 and record["final_version"] == 3.0
     faults = record["faults_logged"]
-    assert faults["faults/rollout_actor_failures"] >= 2  # both actors were on the node
+    # Both actors were on the node: one death each, however many of their calls failed.
+    assert faults["faults/rollout_actor_failures"] == 2
     assert faults["faults/redone_groups"] >= 1
     assert faults.get("faults/learner_restarts", 0) == 0
     assert_nothing_lost(record)
