@@ -322,8 +322,9 @@ def reward_model(bench: Bench, workdir: Path) -> SpatialScore:
     backbone_config = AutoConfig.from_pretrained(folder)
     if full:  # the 7B's sizes, with the token ids of the tokenizer in use
         backbone_config = Qwen2_5_VLConfig(
-            text_config={**QWEN25_VL_7B_TEXT, "bos_token_id": backbone_config.bos_token_id,
-                         "eos_token_id": backbone_config.eos_token_id},
+            text_config={**QWEN25_VL_7B_TEXT,
+                         "bos_token_id": backbone_config.text_config.bos_token_id,
+                         "eos_token_id": backbone_config.text_config.eos_token_id},
             vision_config=QWEN25_VL_7B_VISION,
             image_token_id=backbone_config.image_token_id,
             video_token_id=backbone_config.video_token_id,
