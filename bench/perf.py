@@ -394,13 +394,20 @@ def learner_suite(bench: Bench, pipeline: FluxPipeline) -> dict:
                                 torch.Generator().manual_seed(0))
                     transformer.eval()
 
+                row = {"lora_rank": rank, "gradient_checkpointing": checkpointing,
+                       "batch": s.learner_batch, "resolution": cfg.height,
+                       "trained_timesteps": trained}
                 reset_peak_memory(bench)
-                seconds = bench.seconds(run)
-                if trained == 1:
-                    saved = saved_activation_bytes(transformer, run)
-                rows.append({"lora_rank": rank, "gradient_checkpointing": checkpointing,
-                             "batch": s.learner_batch, "resolution": cfg.height,
-                             "trained_timesteps": trained, "seconds_per_step": seconds,
+                try:
+                    seconds = bench.seconds(run)
+                    if trained == 1:
+                        saved = saved_activation_bytes(transformer, run)
+                except torch.OutOfMemoryError as err:  # e.g. no checkpointing at full size
+                    optimization.optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    rows.append({**row, "error": f"out of memory: {str(err)[:200]}"})
+                    continue
+                rows.append({**row, "seconds_per_step": seconds,
                              "seconds_per_trained_timestep": seconds / trained,
                              **peak_memory(bench)})
             for row in rows[-len(s.learner_timesteps):]:
