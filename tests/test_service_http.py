@@ -23,17 +23,23 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from spatialrl.actors.service import APP_NAME, start_service
+from spatialrl.actors.service import APP_NAME, GeneratorDeployment, start_service
 from spatialrl.checksum import files_checksum
 from spatialrl.config import PolicyModelConfig, RewardConfig
 from spatialrl.data.grammar import sample_scene, scene_to_prompt
 from spatialrl.data.perturb import perturb, perturbable_indices
 from spatialrl.data.render import render
+from spatialrl.errors import InputError
 from spatialrl.generation import LORA_WEIGHTS_FILE, FluxCandidates
 from spatialrl.rewards import build_reward, reward_version
 from spatialrl.service.api import ImageRef, probability_preferred
 from spatialrl.service.client import ServiceError, SpatialScoreClient
-from spatialrl.service.config import FluxGeneratorConfig, LimitsConfig, ServiceConfig
+from spatialrl.service.config import (
+    FluxGeneratorConfig,
+    LimitsConfig,
+    ServiceConfig,
+    ShapesGeneratorConfig,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -240,6 +246,9 @@ def test_concurrent_requests_share_batches_and_the_batch_size_metric_shows_it(
         assert after.get(key, 0) - before.get(key, 0) == at_most, key
     settled("ray_spatialrl_serve_items", {"endpoint": "/v1/score"}, [],
             until=lambda s: s.get("ray_spatialrl_serve_items_total", 0) >= len(requests))
+    idle = settled("ray_spatialrl_serve_items_in_flight", {}, [],
+                   until=lambda s: "ray_spatialrl_serve_items_in_flight" in s)
+    assert idle["ray_spatialrl_serve_items_in_flight"] == 0
 
 
 def bad_cases(scenes, files_root) -> list[tuple]:
@@ -395,3 +404,16 @@ def test_best_of_n_returns_the_best_policy_candidate_with_every_score(
     only_best = client.best_of_n(prompt, n=4, seed=7)
     assert [c.png_base64 is not None for c in only_best.candidates] == [
         i == answer.best_index for i in range(4)]
+
+
+def test_a_generator_refusing_a_prompt_reaches_the_caller_as_input_error(service):
+    """The ingress answers 422 for an InputError of the generator: Ray must deliver it as one."""
+    handle = serve.run(GeneratorDeployment.options(ray_actor_options={"num_cpus": 0.1}).bind(
+        ShapesGeneratorConfig()), name="test-shapes-generator", route_prefix=None)
+    try:
+        with pytest.raises(InputError, match="not a shapes-world prompt"):
+            handle.generate.remote("a cat on a sofa", [0]).result()
+        (image,) = handle.generate.remote("a red circle above a blue square", [3]).result()
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    finally:
+        serve.delete("test-shapes-generator")
