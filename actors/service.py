@@ -38,6 +38,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -48,6 +49,7 @@ from PIL import Image
 from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spatialrl import __version__
 from spatialrl.actors.reward import RETRYABLE_ERRORS, reward_application
@@ -88,7 +90,8 @@ log = logging.getLogger("ray.serve")
 PROTECTED_PREFIX = "/v1/"
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 READY_TIMEOUT_S = 10.0
-PROBLEMS = {status: {"model": ProblemResponse} for status in (400, 401, 403, 411, 413, 422, 500)}
+PROBLEMS = {status: {"model": ProblemResponse}
+            for status in (400, 401, 403, 411, 413, 415, 422, 500)}
 # Describes the bearer token in the OpenAPI document; Guard checks it before the body is read.
 BEARER = [Depends(HTTPBearer(auto_error=False))]
 
@@ -114,6 +117,10 @@ class Guard:
             if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self.token_digest):
                 raise RequestError(401, "unauthorized", "missing or wrong bearer token")
         if request.method == "POST":
+            if not request.headers.get("content-type", "").startswith("application/json"):
+                raise RequestError(
+                    415, "unsupported_media_type", "send JSON with Content-Type: application/json"
+                )
             length = request.headers.get("content-length")
             if length is None or not length.isdigit():
                 raise RequestError(411, "length_required", "send a Content-Length header")
@@ -187,6 +194,13 @@ def refusal(request: Request, err: RequestError) -> JSONResponse:
 @app.exception_handler(RequestError)
 async def _refuse(request: Request, err: RequestError) -> JSONResponse:
     return refusal(request, err)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (unknown path, wrong method) in the service's own answer format."""
+    reason = HTTPStatus(err.status_code).name.lower()
+    return refusal(request, RequestError(err.status_code, reason, str(err.detail)))
 
 
 @app.exception_handler(RequestValidationError)

@@ -1,14 +1,16 @@
 """Load test of the SpatialScore HTTP service on loopback, from a second process.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/serve_load.py [--seconds 30] [--clients 16]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/serve_load.py [--seconds 30] [--clients 16] \
+        [--repeats 2]
 
-For each reward batch limit (reward.serving.max_batch_size = 1, then 16) this script starts
+For each reward batch limit (reward.serving.max_batch_size = 1, then 16; the pair --repeats
+times, interleaved, so that a shared machine's changing load hits both alike) this starts
 `spatialrl serve` as its own process (configs/serve/local.yaml, a tiny random SpatialScore,
 no generator), waits for /readyz, and then runs --clients concurrent clients, each sending
 one-item /v1/score requests (a 64x64 shapes-world PNG) back to back for --seconds. It records
 throughput, p50/p99 latency, the batch sizes the answers report, and every failed request,
-and writes bench/results/serve_load.json with the throughput ratio of limit 16 to limit 1.
-Exits 1 if any request failed.
+and writes bench/results/serve_load.json: every run, the medians per limit and the ratio of
+the median throughputs (16 over 1). Exits 1 if any request failed.
 """
 
 from __future__ import annotations
@@ -138,11 +140,17 @@ def measure(checkpoint: Path, max_batch_size: int, args, workdir: Path) -> dict:
             "model_version": ready["model_version"], **result}
 
 
+def medians(runs: list[dict]) -> dict:
+    keys = ("throughput_rps", "latency_p50_ms", "latency_p99_ms", "batch_size_mean")
+    return {key: statistics.median(run[key] for run in runs) for key in keys}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--warmup-seconds", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--out", default=str(REPO / "bench/results/serve_load.json"))
     args = parser.parse_args()
@@ -153,17 +161,21 @@ def main() -> None:
         checkpoint = SpatialScore.from_config(SpatialScoreConfig(
             base_model=str(models["qwen2.5-vl"]), dtype="float32", head_hidden_size=32,
         )).save_pretrained(workdir / "spatialscore")
-        runs = {str(limit): measure(checkpoint, limit, args, workdir) for limit in BATCH_LIMITS}
-    one, sixteen = runs["1"], runs["16"]
+        runs = [measure(checkpoint, limit, args, workdir)
+                for _ in range(args.repeats) for limit in BATCH_LIMITS]
+    by_limit = {str(limit): medians([run for run in runs if run["max_batch_size"] == limit])
+                for limit in BATCH_LIMITS}
+    one, sixteen = by_limit["1"], by_limit["16"]
     result = {
         "what": "one-item /v1/score requests from concurrent clients in a second process, "
                 "loopback HTTP, tiny random SpatialScore on CPU (configs/serve/local.yaml)",
         "clients": args.clients,
         "seconds": args.seconds,
-        "runs": runs,
+        "by_limit": by_limit,
         "throughput_ratio_16_over_1": sixteen["throughput_rps"] / one["throughput_rps"],
         "p50_latency_ratio_16_over_1": sixteen["latency_p50_ms"] / one["latency_p50_ms"],
-        "requests_failed": one["requests_failed"] + sixteen["requests_failed"],
+        "requests_failed": sum(run["requests_failed"] for run in runs),
+        "runs": runs,
     }
     write_result(result, args.out)
     sys.exit(1 if result["requests_failed"] else 0)
