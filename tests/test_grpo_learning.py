@@ -14,7 +14,8 @@ BENCH = Path(__file__).parents[1] / "bench" / "grpo_learning.py"
 
 
 @pytest.mark.slow
-def test_filtered_grpo_raises_a_pixel_reward(tmp_path):
+def test_filtered_grpo_raises_a_pixel_reward(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # benchmarks import their sibling modules
     spec = importlib.util.spec_from_file_location("grpo_learning", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
