@@ -152,8 +152,7 @@ def _trainer(cfg: RewardTrainConfig, mlflow_run_id: str) -> TorchTrainer:
         scaling_config=ScalingConfig(
             num_workers=spec.num_workers,
             use_gpu=spec.use_gpu,
-            resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu
-                                                                    else {})},
+            resources_per_worker={"CPU": spec.cpus_per_worker},  # and 1 GPU with use_gpu
         ),
         run_config=RunConfig(
             name=RAY_RUN_NAME,
@@ -203,8 +202,7 @@ def train_worker(loop_config: dict) -> None:
     test = load_pairs(cfg.data.test, "test", rank, world_size) if cfg.data.test else None
     if tracker:
         tracker.log_metrics(
-            {**_data_metrics("train", train, world_size),
-             **(_data_metrics("test", test, world_size) if test else {})},
+            {**_data_metrics("train", train), **(_data_metrics("test", test) if test else {})},
             step=steps_done,
         )
 
@@ -240,8 +238,8 @@ def _train_step(
         loss, stats = pair_loss(engine(**inputs.to(engine.device)), cfg.model.mc_samples)
         engine.backward(loss)
         engine.step()  # applies the update only at the accumulation boundary
-        for name, value in stats.items():
-            sums[name] = sums.get(name, 0) + value.float().cpu()
+        for name, value in stats.items():  # stay on the device: NCCL reduces GPU tensors
+            sums[name] = sums.get(name, 0) + value.float()
     names = sorted(sums)
     averaged = torch.stack([sums[n] for n in names]) / cfg.optim.accumulation_steps
     dist.all_reduce(averaged)
@@ -271,8 +269,8 @@ def evaluate(
     return metrics
 
 
-def _data_metrics(split: str, data: PairReadResult, world_size: int) -> dict[str, float]:
-    """Valid pairs (this rank's shard times the ranks, about) and skipped rows by reason."""
+def _data_metrics(split: str, data: PairReadResult) -> dict[str, float]:
+    """Rank 0's share of the valid pairs, and the file's skipped rows by reason."""
     metrics = {
         f"data/{split}_pairs_per_rank": len(data.pairs),
         f"data/{split}_skipped_rows": sum(data.skipped.values()),
