@@ -116,6 +116,8 @@ def reward_application(cfg: RewardConfig) -> serve.Application:
         scaling = {"num_replicas": serving.replicas}
     return RewardDeployment.options(
         max_ongoing_requests=serving.max_ongoing_requests,
+        # One access-log line per group scored would drown the trainer's own log.
+        logging_config={"enable_access_log": False},
         ray_actor_options={
             "num_cpus": serving.cpus_per_replica,
             "num_gpus": serving.gpus_per_replica,

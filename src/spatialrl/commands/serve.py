@@ -79,27 +79,30 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg.port = args.port or cfg.port
     if auth_token(cfg) is None and cfg.host not in LOOPBACK_HOSTS:
         log.warning("serving on %s without authentication (auth_token_env is unset)", cfg.host)
+    # Set before start-up: a Ctrl-C while Serve is still deploying stops it cleanly once the
+    # deploy returns, instead of interrupting it halfway.
+    stop = _stop_on_signals()
     ray.init(address=args.address)
     try:
         url = start_service(cfg)
         print(f"SpatialScore service at {url} (OpenAPI: {url}/docs); Ctrl-C stops it",
               flush=True)
-        _wait_for_stop()
+        stop.wait()
         serve.delete(APP_NAME)
     finally:
         ray.shutdown()
     return 0
 
 
-def _wait_for_stop() -> None:
-    """Block until Ctrl-C or SIGTERM."""
+def _stop_on_signals():
+    """An event that Ctrl-C or SIGTERM sets."""
     import signal
     import threading
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    return stop
 
 
 def run_generate(args: argparse.Namespace) -> int:
