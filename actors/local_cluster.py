@@ -33,6 +33,30 @@ HEAD_NODE_TYPE = "ray.head.default"  # the fake provider's name for the head
 NODE_TYPE_LABEL = "node-type"  # the label each worker node carries: its node type's name
 
 
+def processes_naming(temp_dir: str) -> list[psutil.Process]:
+    """The processes of one Ray instance: each names its temp dir on its command line."""
+    return [process for process in psutil.process_iter(["cmdline"])
+            if any(temp_dir in arg for arg in process.info["cmdline"] or ())]
+
+
+def end_processes_naming(temp_dir: str) -> None:
+    """Terminate (then kill) the processes of one Ray instance. Unlike `ray stop`, other Ray
+    instances on the machine live on."""
+    processes = processes_naming(temp_dir)
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
 def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -145,7 +169,7 @@ class LocalAutoscalingCluster:
     def kill_node(self, node_id: str) -> int:
         """SIGKILL a node's raylet, as when its machine is lost; its workers die with it.
         Returns the raylet's pid."""
-        (raylet,) = [p for p in self._processes()
+        (raylet,) = [p for p in processes_naming(self.temp_dir)
                      if p.name() == "raylet" and f"--node_id={node_id}" in p.cmdline()]
         raylet.send_signal(signal.SIGKILL)
         return raylet.pid
@@ -162,30 +186,10 @@ class LocalAutoscalingCluster:
 
     # --- teardown ----------------------------------------------------------------------
 
-    def _processes(self) -> list[psutil.Process]:
-        """This cluster's processes: each names the cluster's temp dir on its command line."""
-        found = []
-        for process in psutil.process_iter(["cmdline"]):
-            if any(self.temp_dir in arg for arg in process.info["cmdline"] or ()):
-                found.append(process)
-        return found
-
     def shutdown(self) -> None:
         """End this cluster's processes (the driver must have called ray.shutdown())."""
         if self.temp_dir is None:
             return
-        processes = self._processes()
-        for process in processes:
-            try:
-                process.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(processes, timeout=10)
-        for process in alive:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        end_processes_naming(self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         self.temp_dir = None

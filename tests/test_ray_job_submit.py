@@ -8,10 +8,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from spatialrl.actors.local_cluster import end_processes_naming
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 
@@ -33,17 +36,20 @@ def head_node(tmp_path):
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     dashboard_port = free_port()
+    # Its own short temp dir (socket paths stay under 108 characters): stopping it ends only
+    # this cluster's processes, where `ray stop` would end every Ray instance on the machine.
+    temp_dir = tempfile.mkdtemp(prefix="rayjs-", dir="/tmp")
     subprocess.run(
         [BIN / "ray", "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-         f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
          f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats"],
         check=True, env=env, capture_output=True, timeout=180,
     )
     try:
         yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True,
-                       timeout=120)
+        end_processes_naming(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_trainer_on_the_cluster(head_node, tiny_flux_path, tmp_path):
