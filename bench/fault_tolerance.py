@@ -32,10 +32,12 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import serve
 
+from spatialrl import storage
 from spatialrl.actors.local_cluster import LocalAutoscalingCluster
 from spatialrl.config import TrainConfig, load_config
 from spatialrl.learners.trainer import RayTrainer
 from spatialrl.tracking import Tracker
+from spatialrl.train_batch import ledger_file
 
 STORE = 200 * 2**20  # object store bytes per node
 # One node per role is enough for the trainer; rollout may have a second so that a lost node's
@@ -87,8 +89,7 @@ def ledger_accounting(cfg: TrainConfig) -> dict[str, int]:
     groups with more than G rows (trained twice), fewer (in part), none, or not 2k kept."""
     counts = Counter(twice=0, partial=0, missing=0, wrong_kept=0, foreign_rows=0)
     for iteration in range(cfg.iterations):
-        rows = pq.read_table(Path(cfg.output_dir) / "ledger" / f"{iteration:06d}.parquet"
-                             ).to_pylist()
+        rows = pq.read_table(ledger_file(cfg.output_dir, iteration)).to_pylist()
         expected = range(iteration * PROMPTS_PER_ITERATION,
                          (iteration + 1) * PROMPTS_PER_ITERATION)
         own = [r for r in rows if r["iteration"] == iteration and r["group_id"] in expected]
@@ -185,8 +186,8 @@ def kill_learner_rank(rank: int, after_iteration: int):
     kill one learner rank; the next learner call finds it gone."""
 
     async def fault(trainer: RayTrainer) -> dict:
-        ledger = Path(trainer.cfg.output_dir) / "ledger" / f"{after_iteration:06d}.parquet"
-        while not ledger.exists():
+        ledger = ledger_file(trainer.output_dir, after_iteration)
+        while not storage.exists(ledger):
             await asyncio.sleep(0.05)
         version = trainer.learners.version
         ray.kill(trainer.learners.workers[rank], no_restart=True)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from ray.util.placement_group import remove_placement_group
 
+from spatialrl import storage
 from spatialrl.actors.placement import in_bundle, reserve
 from spatialrl.config import PolicyModelConfig, TrainConfig
 from spatialrl.flux.loading import load_flux_transformer
@@ -197,29 +198,34 @@ class PolicyLearner:
             broadcast_tensors(self.weight_group, [t for _, t in named], is_source=True)
             return weights_fingerprint(iter(named))
 
-    def save_checkpoint(self, path: str, version: int) -> None:
+    def save_checkpoint(self, location: str, version: int) -> None:
         """The engine's checkpoint (optimiser state; only trainable weights with LoRA) on every
-        rank, and on rank 0 the adapter in diffusers' format under path/lora."""
+        rank, and on rank 0 the adapter in diffusers' format under location/lora. `location` is
+        a local path (written in place) or a URI (this rank's files are staged locally, then
+        uploaded)."""
         lora = self.cfg.lora.enabled
-        self.engine.save_checkpoint(
-            path, tag=CHECKPOINT_TAG, client_state={"version": version},
-            exclude_frozen_parameters=lora,
-        )
-        if lora:
-            module = self.engine.module
-            with deepspeed.zero.GatheredParameters(lora_parameters(module)):
-                if self.rank == 0:
-                    save_lora(module, Path(path) / "lora")
-        dist.barrier()  # the checkpoint is complete when any rank returns
+        with storage.staged_upload(location) as local:
+            self.engine.save_checkpoint(
+                str(local), tag=CHECKPOINT_TAG, client_state={"version": version},
+                exclude_frozen_parameters=lora,
+            )
+            if lora:
+                module = self.engine.module
+                with deepspeed.zero.GatheredParameters(lora_parameters(module)):
+                    if self.rank == 0:
+                        save_lora(module, Path(local) / "lora")
+        dist.barrier()  # the checkpoint is complete (uploaded) when any rank returns
 
-    def load_checkpoint(self, path: str) -> int:
-        """Restore weights and optimiser state; returns the saved policy version."""
-        _, client_state = self.engine.load_checkpoint(
-            path, tag=CHECKPOINT_TAG, load_module_strict=not self.cfg.lora.enabled,
-            load_lr_scheduler_states=False,
-        )
+    def load_checkpoint(self, location: str) -> int:
+        """Restore weights and optimiser state; returns the saved policy version. A URI is
+        downloaded whole first: DeepSpeed reads every rank's optimiser shard."""
+        with storage.staged_download(location) as local:
+            _, client_state = self.engine.load_checkpoint(
+                str(local), tag=CHECKPOINT_TAG, load_module_strict=not self.cfg.lora.enabled,
+                load_lr_scheduler_states=False,
+            )
         if client_state is None:
-            raise FileNotFoundError(f"no learner checkpoint at {path}")
+            raise FileNotFoundError(f"no learner checkpoint at {location}")
         return int(client_state["version"])
 
 
@@ -294,13 +300,15 @@ class LearnerGroup:
         fingerprint of what it sent."""
         return [worker.send_full_weights.remote() for worker in self.workers]
 
-    def save_checkpoint(self, path: str | Path) -> None:
-        """Every rank writes its part: `path` must be storage that all learner nodes share."""
-        ray.get([worker.save_checkpoint.remote(str(path), self.version)
+    def save_checkpoint(self, location: str | Path) -> None:
+        """Every rank writes its part: `location` is a URI (each rank uploads its files) or a
+        local path, absolute and on storage that all learner nodes share."""
+        ray.get([worker.save_checkpoint.remote(str(location), self.version)
                  for worker in self.workers])
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        versions = ray.get([worker.load_checkpoint.remote(str(path)) for worker in self.workers])
+    def load_checkpoint(self, location: str | Path) -> None:
+        versions = ray.get([worker.load_checkpoint.remote(str(location))
+                            for worker in self.workers])
         self.version = versions[0]
 
     def shutdown(self) -> None:

@@ -28,6 +28,11 @@ redone iteration is overwritten, so it lists what the surviving line of updates 
 Checkpoints fence versions: a checkpoint holds the learner after iteration i (version v) and
 next_iteration = i + 1. Rollouts already in flight for later iterations are not part of it; a
 resumed run samples them again from version v.
+
+output_dir is a local path or a URI (s3://, gs://, file://). On a URI every learner rank
+writes its checkpoint files into a local staging directory and uploads them; the driver writes
+run_state.json (the completion marker, see spatialrl.run_state) after all ranks returned, and
+the ledger directly. A resume downloads the checkpoint on each rank before loading it.
 """
 
 from __future__ import annotations
@@ -38,11 +43,8 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from PIL import Image
 from ray.exceptions import (
@@ -55,6 +57,7 @@ from ray.exceptions import (
 from ray.serve.handle import DeploymentHandle
 from ray.util.placement_group import remove_placement_group
 
+from spatialrl import storage
 from spatialrl.actors.placement import in_bundle, reserve
 from spatialrl.actors.reward import score_groups, start_reward_deployment, stop_reward_deployment
 from spatialrl.actors.rollout import RolloutActor, unpack_group
@@ -67,13 +70,15 @@ from spatialrl.rewards import RewardOutput
 from spatialrl.run_state import (
     RunState,
     checkpoint_dir,
+    checkpoint_name,
     latest_checkpoint,
     load_run_state,
+    prepare_output_dir,
     save_run_state,
 )
 from spatialrl.staleness import dispatch_horizon, split_by_staleness, staleness
 from spatialrl.tracking import Tracker, image_grid
-from spatialrl.train_batch import ScoredGroup, build_train_batch, ledger_row
+from spatialrl.train_batch import ScoredGroup, build_train_batch, ledger_row, write_ledger
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +162,10 @@ def verify_load(index: int, published: Published, answer: dict) -> float:
 
 
 class RayTrainer:
-    def __init__(self, cfg: TrainConfig, tracker: Tracker, resume_from: Path | None = None):
+    def __init__(self, cfg: TrainConfig, tracker: Tracker, resume_from: str | None = None):
         self.cfg = cfg
         self.tracker = tracker
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = prepare_output_dir(cfg.output_dir)  # a path or URI, before any actor
         self.prompts = PromptSource(cfg.prompts.source, cfg.seed)
         self.eval_prompts = eval_prompts(
             cfg.prompts.eval_source, cfg.prompts.num_eval_prompts, cfg.seed)
@@ -186,14 +191,14 @@ class RayTrainer:
             self.shutdown()
             raise
 
-    def _restore(self, folder: Path) -> None:
+    def _restore(self, folder: str) -> None:
         state = self._load_checkpoint(folder)
         self.start_iteration = state.next_iteration
         self.counters.update(state.counters)
         log.info("resumed from %s at iteration %d, version %d", folder, state.next_iteration,
                  state.version)
 
-    def _load_checkpoint(self, folder: Path) -> RunState:
+    def _load_checkpoint(self, folder: str) -> RunState:
         """Load a checkpoint into the learners after checking that it belongs to this run."""
         state = load_run_state(folder)
         per_iteration = self.cfg.prompts.prompts_per_iteration
@@ -205,7 +210,7 @@ class RayTrainer:
         if state.mlflow_run_id != self.tracker.run_id:
             raise ValueError(
                 f"{folder} belongs to MLflow run {state.mlflow_run_id}, not {self.tracker.run_id}")
-        self.learners.load_checkpoint(folder / "learner")
+        self.learners.load_checkpoint(storage.join(folder, "learner"))
         if self.learners.version != state.version:
             raise RuntimeError(f"{folder}: learner at version {self.learners.version}, "
                                f"run state at {state.version}")
@@ -399,17 +404,17 @@ class RayTrainer:
         return eval_metrics(images, self.eval_prompts, RewardOutput(scores.mu, scores.sigma),
                             shapes)
 
-    def _checkpoint(self, iteration: int) -> Path:
+    def _checkpoint(self, iteration: int) -> str:
         folder = checkpoint_dir(self.output_dir, iteration)
-        self.learners.save_checkpoint((folder / "learner").resolve())
-        save_run_state(folder, RunState(
+        self.learners.save_checkpoint(storage.join(folder, "learner"))  # every rank's files
+        save_run_state(folder, RunState(  # last: the checkpoint is complete
             next_iteration=iteration + 1, version=self.learners.version,
             prompt_cursor=(iteration + 1) * self.cfg.prompts.prompts_per_iteration,
             mlflow_run_id=self.tracker.run_id, counters=dict(self.counters),
         ))
         if self.cfg.lora.enabled:
-            self.tracker.log_artifacts(folder / "learner" / "lora",
-                                       f"checkpoints/iteration-{iteration:06d}/lora")
+            with storage.staged_download(storage.join(folder, "learner", "lora")) as lora:
+                self.tracker.log_artifacts(lora, f"checkpoints/{checkpoint_name(iteration)}/lora")
         return folder
 
     # --- the loop ------------------------------------------------------------------------
@@ -421,7 +426,6 @@ class RayTrainer:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64))
         self.tracker.log_params(flatten(cfg))
         await self._sync_weights()  # version 0 (or the resumed one) verified
-        (self.output_dir / "ledger").mkdir(parents=True, exist_ok=True)
         in_flight: dict[int, asyncio.Task] = {}
         history = []
         self.last_done = time.perf_counter()
@@ -461,8 +465,7 @@ class RayTrainer:
         if self.reward_batch_sizes:
             metrics["reward/batch_size_mean"] = float(np.mean(self.reward_batch_sizes))
             self.reward_batch_sizes.clear()
-        pq.write_table(pa.Table.from_pylist(ledger),
-                       self.output_dir / "ledger" / f"{iteration:06d}.parquet")
+        await asyncio.to_thread(write_ledger, self.output_dir, iteration, ledger)
         last = iteration == cfg.iterations - 1
         if cfg.eval_every and (iteration % cfg.eval_every == 0 or last):
             metrics.update(await self._evaluate(iteration))
@@ -578,6 +581,7 @@ def _summary(metrics: dict[str, float]) -> str:
 
 def train_on_ray(cfg: TrainConfig, resume: bool = False) -> str:
     """Run (or resume) a training run on the Ray cluster in reach; returns the MLflow run id."""
+    prepare_output_dir(cfg.output_dir)  # a bad output_dir fails before Ray starts
     if not ray.is_initialized():
         ray.init(address=cfg.cluster.address, log_to_driver=True)
     resume_from = latest_checkpoint(cfg.output_dir) if resume else None

@@ -11,11 +11,13 @@ from diffusers import FluxPipeline
 from mlflow.tracking import MlflowClient
 from ray import serve
 
+from spatialrl import storage
 from spatialrl.config import ConfigError, load_config
 from spatialrl.flux.loading import load_flux_transformer
 from spatialrl.learners.trainer import RayTrainer, train_on_ray
 from spatialrl.run_state import checkpoint_dir, load_run_state
 from spatialrl.tracking import Tracker
+from spatialrl.train_batch import ledger_file
 from spatialrl.weight_sync import weights_fingerprint
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
@@ -55,7 +57,7 @@ def local_ray():
 
 
 def read_ledger(cfg, iteration):
-    return pq.read_table(f"{cfg.output_dir}/ledger/{iteration:06d}.parquet").to_pylist()
+    return pq.read_table(ledger_file(cfg.output_dir, iteration)).to_pylist()
 
 
 def assert_every_group_once(cfg, iterations):
@@ -71,9 +73,14 @@ def assert_every_group_once(cfg, iterations):
         assert sum(r["kept"] for r in rows) == 2 * PROMPTS_PER_ITERATION  # top 1 + bottom 1
 
 
+@pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
 def test_runs_end_to_end_and_resumes_in_the_same_mlflow_run(local_ray, tiny_flux_path,
-                                                             tmp_path):
-    cfg = trainer_config(tiny_flux_path, tmp_path, "grpo.check_old_log_probs=true")
+                                                             tmp_path, as_uri):
+    """output_dir as a local path (written in place), and as a file:// URI: the object-store
+    path, where every learner rank stages its files locally and uploads them."""
+    output_dir = (tmp_path / "run").as_uri() if as_uri else str(tmp_path / "run")
+    cfg = trainer_config(tiny_flux_path, tmp_path, "grpo.check_old_log_probs=true",
+                         f"output_dir={output_dir}")
     run_id = train_on_ray(cfg)
 
     client = MlflowClient(cfg.mlflow.tracking_uri)
@@ -99,13 +106,22 @@ def test_runs_end_to_end_and_resumes_in_the_same_mlflow_run(local_ray, tiny_flux
         assert (state.next_iteration, state.version, state.mlflow_run_id) == (
             iteration + 1, iteration + 1, run_id)
         assert state.prompt_cursor == (iteration + 1) * PROMPTS_PER_ITERATION
+    # Both ranks' optimiser shards reached the checkpoint (each rank uploads its own on a URI).
+    learner_files = storage.list_files(storage.join(checkpoint_dir(cfg.output_dir, 2), "learner"))
+    assert {f for f in learner_files if "optim_states" in f} == {
+        f"learner/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)}
     pipeline = FluxPipeline.from_pretrained(tiny_flux_path, torch_dtype=torch.float32)
-    pipeline.load_lora_weights(checkpoint_dir(cfg.output_dir, 2) / "learner" / "lora")
+    with storage.staged_download(storage.join(checkpoint_dir(cfg.output_dir, 2), "learner",
+                                              "lora")) as lora:
+        pipeline.load_lora_weights(lora)
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert artifacts == {"eval/iteration-000000.png", "eval/iteration-000002.png"}
     assert client.list_artifacts(run_id, "checkpoints/iteration-000002/lora")
 
-    resumed = trainer_config(tiny_flux_path, tmp_path, "iterations=5")
+    # A newer checkpoint without its marker (a run killed while uploading) is not resumed from.
+    storage.write_bytes(storage.join(checkpoint_dir(cfg.output_dir, 3), "learner", "learner",
+                                     "mp_rank_00_model_states.pt"), b"partial")
+    resumed = trainer_config(tiny_flux_path, tmp_path, "iterations=5", f"output_dir={output_dir}")
     assert train_on_ray(resumed, resume=True) == run_id
     steps = [m.step for m in client.get_metric_history(run_id, "reward/mean")]
     assert steps == [0, 1, 2, 3, 4]  # nothing lost or repeated

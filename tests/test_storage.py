@@ -33,6 +33,16 @@ def test_directory_round_trip_keeps_every_file_and_byte(tree, tmp_path, as_uri):
         assert (back / name).read_bytes() == (tree / name).read_bytes()
 
 
+@pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
+def test_upload_of_a_flat_directory_creates_the_target(tmp_path, as_uri):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "adapter.safetensors").write_bytes(b"weights")
+    remote = tmp_path / "remote" / "iteration-000001" / "lora"
+    storage.upload_dir(flat, remote.as_uri() if as_uri else str(remote))
+    assert (remote / "adapter.safetensors").read_bytes() == b"weights"
+
+
 def test_relative_paths_resolve_against_the_working_directory(tree, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     storage.upload_dir(tree, "relative/out")
@@ -98,3 +108,49 @@ def test_s3_uri_resolves_to_the_s3_filesystem_without_network(monkeypatch):
     assert filesystem.type_name == "s3"
     assert filesystem.region == "us-east-1"
     assert path == "bucket/runs/flux"
+
+
+def test_staged_upload_to_a_local_path_writes_in_place(tmp_path):
+    target = tmp_path / "run" / "learner"
+    with storage.staged_upload(str(target)) as local:
+        assert local == target and local.is_dir()  # no staging copy for a local path
+        (local / "shard.pt").write_bytes(b"abc")
+    assert (target / "shard.pt").read_bytes() == b"abc"
+
+
+def test_staged_upload_to_a_uri_appears_only_when_the_block_ends(tmp_path):
+    target = storage.join((tmp_path / "remote").as_uri(), "learner")
+    with storage.staged_upload(target) as local:
+        assert not str(local).startswith(str(tmp_path / "remote"))
+        (local / "lora").mkdir()
+        (local / "lora" / "adapter.safetensors").write_bytes(b"weights")
+        assert not storage.exists(target)
+    assert storage.list_files(target) == ["lora/adapter.safetensors"]
+    assert not local.exists()  # the staging directory is gone
+
+
+def test_staged_upload_uploads_nothing_after_an_error(tmp_path):
+    target = (tmp_path / "remote").as_uri()
+    with pytest.raises(RuntimeError, match="disk full"):
+        with storage.staged_upload(target) as local:
+            (local / "half.pt").write_bytes(b"x")
+            raise RuntimeError("disk full")
+    assert not storage.exists(target)
+    assert not local.exists()
+
+
+@pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
+def test_staged_download_gives_a_local_directory_with_every_file(tree, as_uri):
+    location = tree.as_uri() if as_uri else str(tree)
+    with storage.staged_download(location) as local:
+        assert (local == tree) is not as_uri  # a local path is read in place
+        assert (local / "lora" / "deep" / "state.pt").read_bytes() == b"\x00\xff" * 1000
+    assert local.exists() is not as_uri  # only the staging copy is removed
+
+
+@pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
+def test_staged_download_of_a_missing_directory_names_it(tmp_path, as_uri):
+    missing = tmp_path / "no-such-checkpoint"
+    with pytest.raises(FileNotFoundError, match="no-such-checkpoint"):
+        with storage.staged_download(missing.as_uri() if as_uri else str(missing)):
+            pass

@@ -85,3 +85,33 @@ def test_a_nan_reward_drops_its_group_and_the_ledger_keeps_every_row(tmp_path, t
     assert len(batch.ledger) == 8
     assert not any(r["kept"] for r in batch.ledger if r["group_id"] == 11)
     assert batch.advantages.sign().tolist() == [-1.0, 1.0]  # reward 0.1 then 0.9, in order
+
+
+def test_a_uri_output_dir_gets_the_ledger_and_the_lora(tmp_path, tiny_flux_path):
+    """A file:// URI takes the object-store path: the LoRA is staged locally and uploaded."""
+    from spatialrl import storage
+    from spatialrl.run_state import checkpoint_dir
+    from spatialrl.train_batch import ledger_file
+
+    output_dir = (tmp_path / "remote" / "run").as_uri()
+    cfg = tiny_config(tmp_path, tiny_flux_path, "iterations=1", "eval_every=0",
+                      f"output_dir={output_dir}")
+    tracker = Tracker(cfg.mlflow)
+    InProcessTrainer(cfg).fit(tracker)
+    tracker.finish()
+
+    assert len(pq.read_table(ledger_file(output_dir, 0))) == 8
+    lora = storage.join(checkpoint_dir(output_dir, 0), "lora")
+    assert storage.list_files(lora) == ["pytorch_lora_weights.safetensors"]
+    logged = MlflowClient(cfg.mlflow.tracking_uri).list_artifacts(
+        tracker.run_id, "checkpoints/iteration-000000/lora")
+    assert [a.path for a in logged] == ["checkpoints/iteration-000000/lora/"
+                                        "pytorch_lora_weights.safetensors"]
+
+
+def test_an_unsupported_output_dir_scheme_fails_before_loading_models(tmp_path):
+    from spatialrl.config import ConfigError
+
+    cfg = tiny_config(tmp_path, tmp_path / "no-model-needed", "output_dir=nope://bucket/run")
+    with pytest.raises(ConfigError, match="output_dir nope://bucket/run"):
+        InProcessTrainer(cfg)

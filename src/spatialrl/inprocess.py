@@ -1,19 +1,18 @@
 """Synchronous filtered GRPO in one process, without Ray.
 
 This is the reference loop: the Ray trainer distributes exactly these stages. It also
-trains on a single GPU machine where Ray is not installed.
+trains on a single GPU machine where Ray is not installed. output_dir may be a local path or
+a URI, as for the Ray trainer (the LoRA is staged locally and uploaded); there is no resume.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from spatialrl import storage
 from spatialrl.config import TrainConfig, flatten
 from spatialrl.evaluation import evaluate_policy
 from spatialrl.flux.loading import load_flux_pipeline
@@ -22,8 +21,9 @@ from spatialrl.grpo.update import TorchOptimization, grpo_update
 from spatialrl.prompts import PromptSource, eval_prompts
 from spatialrl.rewards import build_reward
 from spatialrl.rollout import sample_groups
+from spatialrl.run_state import checkpoint_dir, checkpoint_name, prepare_output_dir
 from spatialrl.tracking import Tracker, image_grid
-from spatialrl.train_batch import build_train_batch, score_groups
+from spatialrl.train_batch import build_train_batch, score_groups, write_ledger
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class InProcessTrainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = prepare_output_dir(cfg.output_dir)
         self.pipeline = load_flux_pipeline(cfg.model, self.device)
         self.transformer = self.pipeline.transformer
         torch.manual_seed(cfg.seed)  # LoRA's initialisation draws from the global generator
@@ -97,21 +97,24 @@ class InProcessTrainer:
         )
         return result.metrics, result.images
 
-    def save_checkpoint(self, iteration: int) -> Path:
-        path = self.output_dir / "checkpoints" / f"iteration-{iteration:06d}" / "lora"
-        save_lora(self.pipeline, path)
-        return path
+    def save_checkpoint(self, iteration: int, tracker: Tracker | None = None) -> str:
+        """The LoRA in diffusers' format under checkpoints/iteration-NNNNNN/lora, also logged to
+        the tracker's run; returns its location."""
+        location = storage.join(checkpoint_dir(self.output_dir, iteration), "lora")
+        with storage.staged_upload(location) as local:
+            save_lora(self.pipeline, local)
+            if tracker:
+                tracker.log_artifacts(local, f"checkpoints/{checkpoint_name(iteration)}/lora")
+        return location
 
     def fit(self, tracker: Tracker | None = None) -> list[dict[str, float]]:
         cfg = self.cfg
         if tracker:
             tracker.log_params(flatten(cfg))
         history = []
-        ledger_dir = self.output_dir / "ledger"
-        ledger_dir.mkdir(parents=True, exist_ok=True)
         for iteration in range(cfg.iterations):
             metrics, ledger = self.train_iteration(iteration)
-            pq.write_table(pa.Table.from_pylist(ledger), ledger_dir / f"{iteration:06d}.parquet")
+            write_ledger(self.output_dir, iteration, ledger)
             last = iteration == cfg.iterations - 1
             if cfg.eval_every and (iteration % cfg.eval_every == 0 or last):
                 eval_metrics, images = self.evaluate()
@@ -121,9 +124,7 @@ class InProcessTrainer:
                         image_grid(images, columns=8), f"eval/iteration-{iteration:06d}.png"
                     )
             if (cfg.checkpoint_every and (iteration + 1) % cfg.checkpoint_every == 0) or last:
-                path = self.save_checkpoint(iteration)
-                if tracker:
-                    tracker.log_artifacts(path, f"checkpoints/iteration-{iteration:06d}/lora")
+                self.save_checkpoint(iteration, tracker)
             log.info("iteration %d: %s", iteration, _summary(metrics))
             if tracker:
                 tracker.log_metrics(metrics, step=iteration)

@@ -1,7 +1,11 @@
-"""What a trainer checkpoint needs beyond the weights and optimiser state.
+"""What a trainer checkpoint needs beyond the weights and optimiser state, and where the files
+of a run live.
 
-A checkpoint folder output_dir/checkpoints/iteration-NNNNNN holds the learner's files and
-run_state.json, written last: a folder without it is incomplete and never resumed from.
+output_dir is a local path or a URI (file://, s3://, gs://; see spatialrl.storage). A
+checkpoint folder output_dir/checkpoints/iteration-NNNNNN holds the learner's files and
+run_state.json, written last (with storage.write_bytes, which never leaves half a file): a
+folder without it is incomplete and never resumed from. On a URI the learner's files are
+uploaded before run_state.json is written, so the same rule holds there.
 
 RNG: every random draw of a run is a function of (seed, iteration, prompt, sample index) for
 rollouts and of (seed, version, rank) for updates, so the iteration and version restore it.
@@ -11,11 +15,12 @@ The data cursor is next_iteration * prompts_per_iteration (iteration i reads pro
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from pydantic import BaseModel, Field
+
+from spatialrl import storage
+from spatialrl.config import ConfigError
 
 STATE_FILE = "run_state.json"
 CHECKPOINT_PREFIX = "iteration-"
@@ -29,31 +34,48 @@ class RunState(BaseModel):
     counters: dict[str, float] = Field(default_factory=dict)
 
 
-def checkpoint_dir(output_dir: str | Path, iteration: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{iteration:06d}"
+def prepare_output_dir(output_dir: str | os.PathLike) -> str:
+    """output_dir as every process can use it (a local path made absolute, a URI as it is),
+    created; an unsupported scheme or a filesystem that cannot be reached (no such bucket, no
+    network, no permission) is a ConfigError naming it. Call it before starting any actor."""
+    output_dir = os.fspath(output_dir)
+    try:
+        storage.makedirs(output_dir)
+    except (OSError, ValueError) as error:  # pyarrow.ArrowInvalid is a ValueError
+        raise ConfigError(f"output_dir {output_dir}: cannot be used: {error}") from error
+    return output_dir if storage.is_uri(output_dir) else os.path.abspath(output_dir)
 
 
-def save_run_state(folder: Path, state: RunState) -> None:
-    """Written to a temporary name and renamed, so a crash never leaves half a state file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{STATE_FILE}.partial"
-    partial.write_text(state.model_dump_json(indent=2) + "\n")
-    os.replace(partial, folder / STATE_FILE)
+def checkpoint_name(iteration: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{iteration:06d}"
 
 
-def load_run_state(folder: Path) -> RunState:
-    path = folder / STATE_FILE
-    if not path.is_file():
+def checkpoint_dir(output_dir: str | os.PathLike, iteration: int) -> str:
+    return storage.join(output_dir, "checkpoints", checkpoint_name(iteration))
+
+
+def save_run_state(folder: str | os.PathLike, state: RunState) -> None:
+    """The completion marker: write it after every other file of the checkpoint."""
+    storage.write_bytes(storage.join(folder, STATE_FILE),
+                        (state.model_dump_json(indent=2) + "\n").encode())
+
+
+def load_run_state(folder: str | os.PathLike) -> RunState:
+    path = storage.join(folder, STATE_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"not a complete checkpoint (no {STATE_FILE}): {folder}")
-    return RunState.model_validate(json.loads(path.read_text()))
+    return RunState.model_validate_json(storage.read_bytes(path))
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path:
+def latest_checkpoint(output_dir: str | os.PathLike) -> str:
     """The newest complete checkpoint under output_dir/checkpoints."""
-    root = Path(output_dir) / "checkpoints"
+    root = storage.join(output_dir, "checkpoints")
+    files = storage.list_files(root) if storage.exists(root) else []
     complete = sorted(
-        path for path in root.glob(f"{CHECKPOINT_PREFIX}*") if (path / STATE_FILE).is_file()
+        name.removesuffix(f"/{STATE_FILE}") for name in files
+        if name.startswith(CHECKPOINT_PREFIX) and name.count("/") == 1
+        and name.endswith(f"/{STATE_FILE}")
     )
     if not complete:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {root}")
-    return complete[-1]
+    return storage.join(root, complete[-1])

@@ -15,19 +15,27 @@ What is atomic:
   completes), and a rename would be a second full copy, so the file is written in place.
 - `upload_dir` is not atomic anywhere: a crash leaves some files copied. Write a small marker
   file with `write_bytes` after the upload and treat a directory without it as incomplete.
+
+Code that can only write or read a local directory (DeepSpeed, diffusers) goes through
+`staged_upload` and `staged_download`: a local path is used as it is, with no copy; any URI,
+file:// included, is staged in a temporary local directory ($TMPDIR) and copied.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
-# Filesystems whose rename replaces the target in one step.
+# Filesystems whose rename replaces the target in one step. They are also the ones with real
+# directories, which must exist before a file is written into them (object stores have none).
 ATOMIC_RENAME = {"local", "hdfs"}
 
 
@@ -92,6 +100,8 @@ def upload_dir(local_dir: str | os.PathLike, location: str | os.PathLike) -> Non
     if not source.is_dir():
         raise FileNotFoundError(f"no such local directory to upload: {local_dir}")
     filesystem, path = resolve(location)
+    if filesystem.type_name in ATOMIC_RENAME:  # copy_files makes only the subdirectories
+        filesystem.create_dir(path, recursive=True)
     pafs.copy_files(str(source), path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=filesystem)
 
@@ -104,6 +114,34 @@ def download_dir(location: str | os.PathLike, local_dir: str | os.PathLike) -> N
     target.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(target), source_filesystem=filesystem,
                     destination_filesystem=pafs.LocalFileSystem())
+
+
+@contextmanager
+def staged_upload(location: str | os.PathLike) -> Iterator[Path]:
+    """A local directory to write the files of `location` into: a local path itself (created
+    if missing); for a URI a temporary directory, uploaded to `location` when the block ends
+    without an error and removed in any case."""
+    if not is_uri(location):
+        local = Path(os.path.abspath(location))
+        local.mkdir(parents=True, exist_ok=True)
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="spatialrl-upload-") as staging:
+        yield Path(staging)
+        upload_dir(staging, location)
+
+
+@contextmanager
+def staged_download(location: str | os.PathLike) -> Iterator[Path]:
+    """A local directory holding the files of the directory `location`: a local path itself;
+    for a URI a temporary copy, removed when the block ends."""
+    if not is_uri(location):
+        _require(_info(location)[2], location, pafs.FileType.Directory)
+        yield Path(os.path.abspath(location))
+        return
+    with tempfile.TemporaryDirectory(prefix="spatialrl-download-") as staging:
+        download_dir(location, staging)
+        yield Path(staging)
 
 
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from spatialrl import storage
 from spatialrl.config import GRPOConfig
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.grpo.advantages import compute_advantages
@@ -92,3 +96,15 @@ def ledger_row(scored: ScoredGroup, index: int, advantage: float, kept: bool) ->
         "advantage": advantage,
         "kept": kept,
     }
+
+
+def ledger_file(output_dir: str | os.PathLike, iteration: int) -> str:
+    """Where an iteration's ledger lives: output_dir/ledger/NNNNNN.parquet (path or URI)."""
+    return storage.join(output_dir, "ledger", f"{iteration:06d}.parquet")
+
+
+def write_ledger(output_dir: str | os.PathLike, iteration: int, rows: list[dict]) -> None:
+    """One iteration's ledger as one parquet file, replaced whole (a redone iteration's too)."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    storage.write_bytes(ledger_file(output_dir, iteration), buffer.getvalue().to_pybytes())

@@ -1,0 +1,108 @@
+"""Checkpoint layout and completeness on local paths and file:// URIs (the code path every
+object-store URI takes), and the early output_dir check."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from spatialrl import storage
+from spatialrl.config import ConfigError
+from spatialrl.run_state import (
+    RunState,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_run_state,
+    prepare_output_dir,
+    save_run_state,
+)
+
+
+def state(next_iteration: int) -> RunState:
+    return RunState(next_iteration=next_iteration, version=next_iteration,
+                    prompt_cursor=2 * next_iteration, mlflow_run_id="run-a",
+                    counters={"faults/redone_groups": 1.0})
+
+
+def write_learner_files(folder: str) -> None:
+    storage.write_bytes(storage.join(folder, "learner", "learner", "mp_rank_00_model_states.pt"),
+                        b"weights")
+
+
+@pytest.fixture(params=["path", "file-uri"])
+def output_dir(request, tmp_path) -> str:
+    root = tmp_path / "run"
+    return root.as_uri() if request.param == "file-uri" else str(root)
+
+
+def test_the_newest_complete_checkpoint_wins_and_incomplete_ones_are_ignored(output_dir):
+    for iteration in (1, 3):
+        folder = checkpoint_dir(output_dir, iteration)
+        write_learner_files(folder)
+        save_run_state(folder, state(iteration + 1))
+    # Newer, but the run died before the marker: learner files only.
+    write_learner_files(checkpoint_dir(output_dir, 4))
+    # Newer still: the marker's temporary file of a write that never finished.
+    storage.write_bytes(storage.join(checkpoint_dir(output_dir, 5), "run_state.json.tmp-0"),
+                        b"{")
+
+    latest = latest_checkpoint(output_dir)
+    assert latest == checkpoint_dir(output_dir, 3)
+    assert load_run_state(latest) == state(4)
+    with pytest.raises(FileNotFoundError, match="iteration-000004"):
+        load_run_state(checkpoint_dir(output_dir, 4))
+
+
+def test_no_complete_checkpoint_is_an_error_naming_the_folder(output_dir):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint under .*run/checkpoints"):
+        latest_checkpoint(output_dir)  # nothing written yet
+    write_learner_files(checkpoint_dir(output_dir, 0))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        latest_checkpoint(output_dir)
+
+
+def test_the_marker_is_replaced_whole(output_dir):
+    folder = checkpoint_dir(output_dir, 2)
+    save_run_state(folder, state(3))
+    save_run_state(folder, state(7))
+    assert load_run_state(folder) == state(7)
+    assert storage.list_files(folder) == ["run_state.json"]
+
+
+def test_checkpoint_dir_keeps_the_uri(tmp_path):
+    assert checkpoint_dir("s3://bucket/runs/a?region=us-east-1", 12) == (
+        "s3://bucket/runs/a/checkpoints/iteration-000012?region=us-east-1")
+    assert checkpoint_dir(str(tmp_path), 12) == str(tmp_path / "checkpoints" / "iteration-000012")
+
+
+def test_prepare_output_dir_makes_local_paths_absolute_and_keeps_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert prepare_output_dir("runs/a") == str(tmp_path / "runs" / "a")
+    assert (tmp_path / "runs" / "a").is_dir()
+    uri = (tmp_path / "remote" / "b").as_uri()
+    assert prepare_output_dir(uri) == uri
+    assert (tmp_path / "remote" / "b").is_dir()
+
+
+def test_an_unsupported_scheme_is_a_config_error_naming_output_dir():
+    with pytest.raises(ConfigError, match=r"output_dir ftp2://host/runs/a: .*Unrecognized"):
+        prepare_output_dir("ftp2://host/runs/a")
+
+
+def test_an_unreachable_bucket_is_a_config_error_naming_output_dir(monkeypatch):
+    # An S3 endpoint on a closed local port: the bucket check fails (after the SDK's retries,
+    # about 12 s) instead of the first checkpoint failing hours into a run.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    uri = "s3://bucket/runs/a?region=us-east-1&endpoint_override=127.0.0.1:9&scheme=http"
+    with pytest.raises(ConfigError, match=r"output_dir s3://bucket/runs/a\?.*bucket"):
+        prepare_output_dir(uri)
+
+
+def test_a_local_output_dir_that_cannot_be_created_is_a_config_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match=f"output_dir {os.fspath(blocker)}/run"):
+        prepare_output_dir(str(blocker / "run"))
