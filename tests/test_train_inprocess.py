@@ -6,9 +6,12 @@ import torch
 from diffusers import FluxPipeline
 from mlflow.tracking import MlflowClient
 
+from spatialrl import storage
 from spatialrl.config import load_config
 from spatialrl.inprocess import InProcessTrainer
+from spatialrl.run_state import checkpoint_dir
 from spatialrl.tracking import Tracker
+from spatialrl.train_batch import ledger_file
 
 
 def tiny_config(tmp_path, tiny_flux_path, *extra):
@@ -89,10 +92,6 @@ def test_a_nan_reward_drops_its_group_and_the_ledger_keeps_every_row(tmp_path, t
 
 def test_a_uri_output_dir_gets_the_ledger_and_the_lora(tmp_path, tiny_flux_path):
     """A file:// URI takes the object-store path: the LoRA is staged locally and uploaded."""
-    from spatialrl import storage
-    from spatialrl.run_state import checkpoint_dir
-    from spatialrl.train_batch import ledger_file
-
     output_dir = (tmp_path / "remote" / "run").as_uri()
     cfg = tiny_config(tmp_path, tiny_flux_path, "iterations=1", "eval_every=0",
                       f"output_dir={output_dir}")
