@@ -16,11 +16,14 @@ Backbone choices are applied to the tiny model's config before its random weight
 --layers, --hidden (LM width), --rope-theta (1e6, the 7B's, leaves a few image columns within
 1e-3 rad of each other; ~2 resolves them). --train-mode lora trains what `spatialrl reward
 train` trains (LoRA, head, reward token); full trains every weight, vision tower included.
+--caption-steps N first pretrains every backbone weight for N steps on shapes-world layout
+captions (spatialrl.tiny.pretraining), the stand-in for a pretrained VLM.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -37,10 +40,16 @@ from spatialrl.data.render import LayoutError, render
 from spatialrl.data.shapes import HELD_OUT_COMBOS, TRAIN_COMBOS
 from spatialrl.reward.config import SpatialScoreConfig
 from spatialrl.reward.evaluation import accuracy_summary, score_pairs
-from spatialrl.reward.inputs import SpatialScoreProcessor
+from spatialrl.reward.inputs import SpatialScoreProcessor, load_qwen_vl_processing
 from spatialrl.reward.model import SpatialScore
 from spatialrl.reward.train_config import RewardOptimConfig
 from spatialrl.reward.training import batch_at, encode_pairs, make_optimizer, pair_loss
+from spatialrl.tiny import save_atomically
+from spatialrl.tiny.pretraining import (
+    PRETRAINING_RECORD,
+    CaptionPretraining,
+    pretrain_on_layout_captions,
+)
 from spatialrl.tiny.qwen_vl import write_tiny_qwen_vl
 
 FLIPPED = {Predicate.LEFT_OF: Predicate.RIGHT_OF, Predicate.RIGHT_OF: Predicate.LEFT_OF}
@@ -100,10 +109,25 @@ def build_model(args: argparse.Namespace, workdir: Path) -> SpatialScore:
     )
     torch.manual_seed(args.seed)
     backbone = Qwen2_5_VLForConditionalGeneration(config)
-    model = SpatialScore.from_backbone(
-        backbone, SpatialScoreProcessor.from_config(score_config), score_config
-    )
+    if args.caption_steps:
+        # Through folders, as a pretrained base model would come: random -> captioned.
+        random_dir = save_atomically(workdir / "random", [backbone, *processing(base)])
+        settings = CaptionPretraining(steps=args.caption_steps, batch_size=args.batch_size,
+                                      seed=args.seed)
+        captioned = pretrain_on_layout_captions(random_dir, workdir / "captioned", settings)
+        torch.manual_seed(args.seed)
+        model = SpatialScore.from_config(
+            score_config.model_copy(update={"base_model": str(captioned)}))
+    else:
+        model = SpatialScore.from_backbone(
+            backbone, SpatialScoreProcessor.from_config(score_config), score_config
+        )
     return model.requires_grad_(True) if args.train_mode == "full" else model
+
+
+def processing(base: Path) -> list:
+    tokenizer, image_processor, _ = load_qwen_vl_processing(str(base))
+    return [tokenizer, image_processor]
 
 
 def train(args: argparse.Namespace, model: SpatialScore, pairs: dict) -> list[dict]:
@@ -142,6 +166,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--rope-theta", type=float, default=1e6)
+    parser.add_argument("--caption-steps", type=int, default=0,
+                        help="layout-caption pretraining of the backbone before SpatialScore")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -153,11 +179,14 @@ def main() -> None:
     pairs = task_pairs(args)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args, Path(tmp))
+        record = Path(tmp) / "captioned" / PRETRAINING_RECORD
+        pretraining = json.loads(record.read_text()) if record.is_file() else None
         history = train(args, model, pairs)
     write_result({
         "settings": vars(args),
         "pairs": {split: len(records) for split, records in pairs.items()},
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "caption_pretraining": pretraining,
         "history": history,
         "final_heldout_accuracy": history[-1]["heldout_accuracy"] if history else None,
         "seconds": time.perf_counter() - start,

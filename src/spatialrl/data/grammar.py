@@ -252,12 +252,18 @@ def canonicalize(scene: Scene) -> Scene:
 
 
 def scene_to_prompt(scene: Scene) -> str:
+    return relations_to_text(scene.objects, scene.relations)
+
+
+def relations_to_text(objects: Sequence[SceneObject], relations: Sequence[Relation]) -> str:
+    """One clause per relation, an object named in full at its first mention. Unlike a
+    Scene, the relations may repeat a pair of objects (as layout captions do)."""
     mentioned: set[int] = set()
     clauses = []
-    for rel in scene.relations:
+    for rel in relations:
         words = []
         for i, gap in ((rel.subject_index, rel.predicate.phrase), (rel.object_index, None)):
-            words.append(scene.objects[i].noun_phrase(first_mention=i not in mentioned))
+            words.append(objects[i].noun_phrase(first_mention=i not in mentioned))
             mentioned.add(i)
             if gap:
                 words.append(gap)
