@@ -4,11 +4,9 @@ A layout caption takes the pairs of objects in left-to-right order and names, fo
 relation the rule evaluator finds holding, with one of the two objects (picked at random) as
 subject ("a red circle to the left of a blue star, the red circle below the blue star"). Unlike
 a prompt, which mentions some relations in any order, every word of it but the subject's choice
-follows from the image. Next-token prediction of these captions is the
-grounding pretraining that a tiny random VLM needs before it can learn SpatialScore from
-preference pairs: a pair carries one bit that depends on prompt and image jointly, which gives
-a random model no gradient to start from (bench/reward_learnability.py), while a caption's
-next word depends on the image alone, given the words before it.
+follows from the image. They are the data of spatialrl.tiny.pretraining: grounding
+pretraining for a tiny random VLM, which gets no gradient to start from on preference pairs
+(their one bit depends on prompt and image jointly) but does on a caption's next word.
 """
 
 from __future__ import annotations
