@@ -2,6 +2,7 @@
 huggingface_hub, and every model comes from the tiny folders built here."""
 
 import os
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -59,3 +60,21 @@ def tiny_flux_lora_path(tiny_flux_path, tmp_path_factory) -> Path:
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     return save_lora(pipeline, tmp_path_factory.mktemp("flux-lora"))
+
+
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave without interpreter teardown once pytest has reported everything: one clean-clone
+    run segfaulted there after all tests passed (native threads of torch/Ray/gRPC being torn
+    down), which turned a green run red. The exit status stays pytest's own."""
+    if _exit_status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status[0])
