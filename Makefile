@@ -3,6 +3,8 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 TINY := tiny-models
+# Each quick-start run gets its own output folder: a fresh run refuses one holding a run.
+RUN_DIR ?= runs/local/$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install tiny-models train-local test lint
 
@@ -13,7 +15,7 @@ tiny-models: install
 	$(BIN)/spatialrl tiny-models $(TINY)
 
 train-local: tiny-models
-	$(BIN)/spatialrl train --config configs/local.yaml
+	$(BIN)/spatialrl train --config configs/local.yaml --set output_dir=$(RUN_DIR)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -165,7 +165,8 @@ class RayTrainer:
     def __init__(self, cfg: TrainConfig, tracker: Tracker, resume_from: str | None = None):
         self.cfg = cfg
         self.tracker = tracker
-        self.output_dir = prepare_output_dir(cfg.output_dir)  # a path or URI, before any actor
+        # A path or URI, before any actor; checked again here for callers other than train_on_ray.
+        self.output_dir = prepare_output_dir(cfg.output_dir, resume=resume_from is not None)
         self.prompts = PromptSource(cfg.prompts.source, cfg.seed)
         self.eval_prompts = eval_prompts(
             cfg.prompts.eval_source, cfg.prompts.num_eval_prompts, cfg.seed)
@@ -581,7 +582,7 @@ def _summary(metrics: dict[str, float]) -> str:
 
 def train_on_ray(cfg: TrainConfig, resume: bool = False) -> str:
     """Run (or resume) a training run on the Ray cluster in reach; returns the MLflow run id."""
-    prepare_output_dir(cfg.output_dir)  # a bad output_dir fails before Ray starts
+    prepare_output_dir(cfg.output_dir, resume)  # a bad output_dir fails before Ray starts
     if not ray.is_initialized():
         ray.init(address=cfg.cluster.address, log_to_driver=True)
     resume_from = latest_checkpoint(cfg.output_dir) if resume else None

@@ -106,3 +106,22 @@ def test_a_local_output_dir_that_cannot_be_created_is_a_config_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match=f"output_dir {os.fspath(blocker)}/run"):
         prepare_output_dir(str(blocker / "run"))
+
+
+@pytest.mark.parametrize("earlier_file", ["checkpoints/iteration-000001/run_state.json",
+                                          "ledger/000000.parquet"])
+def test_a_fresh_run_refuses_an_output_dir_holding_a_run_and_leaves_it_intact(
+    output_dir, earlier_file
+):
+    path = storage.join(output_dir, earlier_file)
+    storage.write_bytes(path, b"an earlier run's file")
+    folder = earlier_file.split("/")[0]
+    with pytest.raises(ConfigError, match=rf"already holds a run \({folder}\).*--resume"):
+        prepare_output_dir(output_dir)
+    assert storage.read_bytes(path) == b"an earlier run's file"
+    assert prepare_output_dir(output_dir, resume=True).endswith("run")
+
+
+def test_a_fresh_run_may_use_an_existing_empty_output_dir(tmp_path):
+    (tmp_path / "run" / "notes").mkdir(parents=True)
+    assert prepare_output_dir(tmp_path / "run") == str(tmp_path / "run")

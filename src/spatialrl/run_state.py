@@ -24,6 +24,8 @@ from spatialrl.config import ConfigError
 
 STATE_FILE = "run_state.json"
 CHECKPOINT_PREFIX = "iteration-"
+# What a run writes into output_dir; a fresh run refuses a folder holding either.
+RUN_FOLDERS = ("checkpoints", "ledger")
 
 
 class RunState(BaseModel):
@@ -34,15 +36,23 @@ class RunState(BaseModel):
     counters: dict[str, float] = Field(default_factory=dict)
 
 
-def prepare_output_dir(output_dir: str | os.PathLike) -> str:
+def prepare_output_dir(output_dir: str | os.PathLike, resume: bool = False) -> str:
     """output_dir as every process can use it (a local path made absolute, a URI as it is),
     created; an unsupported scheme or a filesystem that cannot be reached (no such bucket, no
-    network, no permission) is a ConfigError naming it. Call it before starting any actor."""
+    network, no permission) is a ConfigError naming it. A fresh run (not `resume`) into an
+    output_dir that already holds a run's checkpoints or ledger is a ConfigError too: it would
+    write over them. Call it before starting any actor."""
     output_dir = os.fspath(output_dir)
     try:
         storage.makedirs(output_dir)
+        earlier = [name for name in RUN_FOLDERS if storage.exists(storage.join(output_dir, name))]
     except (OSError, ValueError) as error:  # pyarrow.ArrowInvalid is a ValueError
         raise ConfigError(f"output_dir {output_dir}: cannot be used: {error}") from error
+    if earlier and not resume:
+        raise ConfigError(
+            f"output_dir {output_dir} already holds a run ({' and '.join(earlier)}): continue "
+            "it with --resume or choose another output_dir"
+        )
     return output_dir if storage.is_uri(output_dir) else os.path.abspath(output_dir)
 
 
