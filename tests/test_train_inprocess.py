@@ -114,3 +114,15 @@ def test_an_unsupported_output_dir_scheme_fails_before_loading_models(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "no-model-needed", "output_dir=nope://bucket/run")
     with pytest.raises(ConfigError, match="output_dir nope://bucket/run"):
         InProcessTrainer(cfg)
+
+
+def test_an_output_dir_holding_a_run_is_refused_before_loading_models(tmp_path):
+    from spatialrl.config import ConfigError
+
+    ledger = tmp_path / "run" / "ledger" / "000000.parquet"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_bytes(b"an earlier run's ledger")
+    cfg = tiny_config(tmp_path, tmp_path / "no-model-needed")
+    with pytest.raises(ConfigError, match=r"already holds a run \(ledger\)"):
+        InProcessTrainer(cfg)
+    assert ledger.read_bytes() == b"an earlier run's ledger"

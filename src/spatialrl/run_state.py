@@ -25,7 +25,9 @@ from spatialrl.config import ConfigError
 STATE_FILE = "run_state.json"
 CHECKPOINT_PREFIX = "iteration-"
 # What a run writes into output_dir; a fresh run refuses a folder holding either.
-RUN_FOLDERS = ("checkpoints", "ledger")
+CHECKPOINTS_FOLDER = "checkpoints"
+LEDGER_FOLDER = "ledger"
+RUN_FOLDERS = (CHECKPOINTS_FOLDER, LEDGER_FOLDER)
 
 
 class RunState(BaseModel):
@@ -61,7 +63,7 @@ def checkpoint_name(iteration: int) -> str:
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, iteration: int) -> str:
-    return storage.join(output_dir, "checkpoints", checkpoint_name(iteration))
+    return storage.join(output_dir, CHECKPOINTS_FOLDER, checkpoint_name(iteration))
 
 
 def save_run_state(folder: str | os.PathLike, state: RunState) -> None:
@@ -79,7 +81,7 @@ def load_run_state(folder: str | os.PathLike) -> RunState:
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> str:
     """The newest complete checkpoint under output_dir/checkpoints."""
-    root = storage.join(output_dir, "checkpoints")
+    root = storage.join(output_dir, CHECKPOINTS_FOLDER)
     files = storage.list_files(root) if storage.exists(root) else []
     complete = sorted(
         name.removesuffix(f"/{STATE_FILE}") for name in files

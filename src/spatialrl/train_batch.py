@@ -15,6 +15,7 @@ from spatialrl.flux.sampler import Trajectory
 from spatialrl.grpo.advantages import compute_advantages
 from spatialrl.rewards import RewardFn
 from spatialrl.rollout import RolloutGroup
+from spatialrl.run_state import LEDGER_FOLDER
 
 
 @dataclass
@@ -100,7 +101,7 @@ def ledger_row(scored: ScoredGroup, index: int, advantage: float, kept: bool) ->
 
 def ledger_file(output_dir: str | os.PathLike, iteration: int) -> str:
     """Where an iteration's ledger lives: output_dir/ledger/NNNNNN.parquet (path or URI)."""
-    return storage.join(output_dir, "ledger", f"{iteration:06d}.parquet")
+    return storage.join(output_dir, LEDGER_FOLDER, f"{iteration:06d}.parquet")
 
 
 def write_ledger(output_dir: str | os.PathLike, iteration: int, rows: list[dict]) -> None:
