@@ -96,8 +96,8 @@ def train_reward_model(cfg: RewardTrainConfig, resume: bool = False) -> RewardTr
         ray.init(address=cfg.distributed.ray_address or os.environ.get("RAY_ADDRESS", "local"))
     try:
         result = _trainer(cfg, tracker.run_id).fit()
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as error:
+        tracker.end_by(error)
         raise
     # The newest checkpoint, also when this attempt had nothing left to train.
     with result.checkpoint.as_directory() as folder:

@@ -588,13 +588,10 @@ def train_on_ray(cfg: TrainConfig, resume: bool = False) -> str:
     resume_from = latest_checkpoint(cfg.output_dir) if resume else None
     run_id = load_run_state(resume_from).mlflow_run_id if resume_from else None
     tracker = Tracker(cfg.mlflow, run_id=run_id, tags={"backend": "ray"})
-    status = "FAILED"
     try:
         RayTrainer(cfg, tracker, resume_from).run()
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as error:
+        tracker.end_by(error)
         raise
-    finally:
-        tracker.finish(status)
+    tracker.finish()
     return tracker.run_id

@@ -126,3 +126,39 @@ def test_an_output_dir_holding_a_run_is_refused_before_loading_models(tmp_path):
     with pytest.raises(ConfigError, match=r"already holds a run \(ledger\)"):
         InProcessTrainer(cfg)
     assert ledger.read_bytes() == b"an earlier run's ledger"
+
+
+def test_the_cli_refuses_an_output_dir_holding_a_run_before_opening_an_mlflow_run(
+    tmp_path, capsys
+):
+    from spatialrl.cli import main
+
+    ledger = tmp_path / "run" / "ledger" / "000000.parquet"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_bytes(b"an earlier run's ledger")
+    database = tmp_path / "mlflow.db"
+    argv = [
+        "train", "--backend", "inprocess", "--config", "configs/local.yaml",
+        "--set", f"output_dir={tmp_path / 'run'}",
+        "--set", f"mlflow.tracking_uri=sqlite:///{database}",
+    ]
+    assert main(argv) == 2
+    assert "already holds a run (ledger)" in capsys.readouterr().err
+    assert ledger.read_bytes() == b"an earlier run's ledger"
+    # No empty FAILED run is left on the dashboard (the store need not even exist).
+    if database.exists():
+        client = MlflowClient(f"sqlite:///{database}")
+        experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+        assert client.search_runs(experiments) == []
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(KeyboardInterrupt(), "KILLED"), (RuntimeError("boom"), "FAILED")]
+)
+def test_a_run_ended_by_an_exception_is_killed_on_interrupt_and_failed_otherwise(
+    tmp_path, error, status
+):
+    cfg = tiny_config(tmp_path, tmp_path / "no-model-needed")
+    tracker = Tracker(cfg.mlflow)
+    tracker.end_by(error)
+    assert MlflowClient(cfg.mlflow.tracking_uri).get_run(tracker.run_id).info.status == status

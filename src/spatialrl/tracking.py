@@ -70,6 +70,11 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
+    def end_by(self, error: BaseException) -> None:
+        """End the run an exception stopped: Ctrl-C (or a job stop) kills it, anything else
+        fails it, so the dashboard tells an interrupted run from a broken one."""
+        self.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     """Tile equally sized images row-major, for one sample grid per evaluation."""

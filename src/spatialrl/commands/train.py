@@ -42,13 +42,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _train_in_process(cfg) -> str:
     from spatialrl.inprocess import InProcessTrainer
+    from spatialrl.run_state import prepare_output_dir
     from spatialrl.tracking import Tracker
 
+    prepare_output_dir(cfg.output_dir)  # a bad output_dir fails before an MLflow run opens
     tracker = Tracker(cfg.mlflow, tags={"backend": "inprocess"})
     try:
         InProcessTrainer(cfg).fit(tracker)
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as error:
+        tracker.end_by(error)
         raise
     tracker.finish()
     return tracker.run_id
