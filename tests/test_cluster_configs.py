@@ -17,10 +17,11 @@ from spatialrl.node_types import check_placement, node_types, peak_bundles
 
 REPO = Path(__file__).resolve().parent.parent
 AWS = REPO / "cluster" / "aws.yaml"
+GCP = REPO / "cluster" / "gcp.yaml"
 RAYCLUSTER = REPO / "cluster" / "kuberay" / "raycluster.yaml"
 RAYJOB = REPO / "cluster" / "kuberay" / "rayjob.yaml"
 CLUSTER_CONFIG = REPO / "configs" / "flux-dev-cluster.yaml"
-CLUSTER_FILES = [AWS, RAYCLUSTER]
+CLUSTER_FILES = [AWS, GCP, RAYCLUSTER]
 ROLE_RESOURCES = {"rollout": "rollout_node", "reward": "reward_node", "learner": "learner_node"}
 
 
@@ -33,14 +34,27 @@ def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def test_aws_config_passes_ray_schema_validation():
-    config = autoscaling_config(AWS)  # prepare_config + validate_config, as `ray up`
-    assert config["provider"]["type"] == "aws"
+@pytest.mark.parametrize(("path", "provider"), [(AWS, "aws"), (GCP, "gcp")], ids=["aws", "gcp"])
+def test_ray_up_config_passes_ray_schema_validation(path, provider):
+    config = autoscaling_config(path)  # prepare_config + validate_config, as `ray up`
+    assert config["provider"]["type"] == provider
     assert config["head_node_type"] == "head"
     assert config["idle_timeout_minutes"] > 0
     assert "pip install --quiet /home/ray/spatialrl" in config["worker_setup_commands"]
     for name, spec in config["available_node_types"].items():
         assert spec["min_workers"] == 0, f"{name}: the run starts with the head node only"
+
+
+def test_gcp_gpu_nodes_stop_for_maintenance_and_only_the_learner_is_on_demand():
+    types = autoscaling_config(GCP)["available_node_types"]
+    for role in ROLE_RESOURCES:
+        scheduling = types[role]["node_config"]["scheduling"]
+        # Compute Engine refuses to create a GPU VM that would live-migrate.
+        assert scheduling["onHostMaintenance"] == "TERMINATE", role
+        spot = scheduling.get("provisioningModel") == "SPOT"
+        assert spot == (role != "learner"), f"{role}: spot {spot}"
+    machines = {role: types[role]["node_config"]["machineType"] for role in ROLE_RESOURCES}
+    assert len(set(machines.values())) == 3, machines
 
 
 def test_ray_schema_validation_is_not_vacuous(tmp_path):
