@@ -4,13 +4,15 @@ custom resources, as in cluster/aws.yaml, sized for a 2-core machine.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/fault_tolerance.py
 
-Two runs of the real trainer (tiny FLUX, 2 rollout actors, the reward on Ray Serve, 2
+Three runs of the real trainer (tiny FLUX, 2 rollout actors, the reward on Ray Serve, 2
 DeepSpeed learner ranks), each on a cluster that starts with the head node alone:
 - rollout_node_lost: once the first update is applied, the node holding both rollout actors
   is killed (SIGKILL of its raylet, as when a spot instance goes). The autoscaler replaces it,
   Ray restarts the actors there, and their groups are redone.
 - learner_lost: after iteration 2 is logged, learner rank 1 is killed. The trainer rebuilds
   the learner group from the checkpoint of iteration 1 and redoes iteration 2.
+- learner_node_lost: the same moment, but the node holding both learner ranks is killed
+  (SIGKILL of its raylet). The rebuilt group waits for the autoscaler's replacement node.
 Each records what was killed, what the run lost (from the ledger: groups trained on twice, in
 part or not at all), the fault counters logged to MLflow, the node types the autoscaler
 launched and how long recovery took. tests/test_autoscaling_cluster.py runs the same
@@ -40,15 +42,15 @@ from spatialrl.tracking import Tracker
 from spatialrl.train_batch import ledger_file
 
 STORE = 200 * 2**20  # object store bytes per node
-# One node per role is enough for the trainer; rollout may have a second so that a lost node's
-# replacement can start before the autoscaler has dropped the dead one.
+# One node per role is enough for the trainer; rollout and learner may have a second so that a
+# lost node's replacement can start before the autoscaler has dropped the dead one.
 NODE_TYPES = {
     "rollout": {"resources": {"CPU": 1, "rollout_node": 2, "object_store_memory": STORE},
                 "max_workers": 2},
     "reward": {"resources": {"CPU": 1, "reward_node": 1, "object_store_memory": STORE},
                "max_workers": 1},
     "learner": {"resources": {"CPU": 1, "learner_node": 2, "object_store_memory": STORE},
-                "max_workers": 1},
+                "max_workers": 2},
 }
 GROUP_SIZE, TOP_K, PROMPTS_PER_ITERATION = 4, 1, 2
 
@@ -155,26 +157,34 @@ def run_with_fault(cluster: LocalAutoscalingCluster, cfg: TrainConfig, fault) ->
     }
 
 
-def kill_rollout_node(cluster: LocalAutoscalingCluster):
-    """A fault: once the first update is applied (rollouts of the next iteration in flight),
-    kill the node holding the rollout actors; wait for its replacement."""
+def first_update_applied(trainer: RayTrainer) -> bool:
+    return trainer.learners.version >= 1
+
+
+def iteration_written(iteration: int):
+    """Whether `iteration` is in the ledger: trained on and published."""
+    return lambda trainer: storage.exists(ledger_file(trainer.output_dir, iteration))
+
+
+def kill_role_node(cluster: LocalAutoscalingCluster, role: str, ready):
+    """A fault: once `ready(trainer)` holds, SIGKILL the raylet of the node holding `role`'s
+    workers (as when a spot instance or a machine goes); wait for its replacement."""
 
     async def fault(trainer: RayTrainer) -> dict:
-        while trainer.learners.version < 1:
+        while not ready(trainer):
             await asyncio.sleep(0.05)
-        (node,) = cluster.nodes_of_type("rollout")
+        (node,) = cluster.nodes_of_type(role)
         version = trainer.learners.version
         killed_at = time.monotonic()
         pid = cluster.kill_node(node["NodeID"])
 
         def replaced() -> bool:
-            return any(n["NodeID"] != node["NodeID"] for n in cluster.nodes_of_type("rollout"))
+            return any(n["NodeID"] != node["NodeID"] for n in cluster.nodes_of_type(role))
 
         replaced_after = await asyncio.to_thread(cluster.wait_for, replaced, 300,
-                                                 "a replacement rollout node")
-        return {"what": "rollout node: SIGKILL of its raylet", "node_id": node["NodeID"],
-                "raylet_pid": pid, "rollout_actors_on_it": len(trainer.fleet.actors),
-                "at_learner_version": version,
+                                                 f"a replacement {role} node")
+        return {"what": f"{role} node: SIGKILL of its raylet", "node_id": node["NodeID"],
+                "raylet_pid": pid, "at_learner_version": version,
                 "replacement_node_alive_after_s": round(replaced_after, 1),
                 "since_kill_s": round(time.monotonic() - killed_at, 1)}
 
@@ -182,12 +192,11 @@ def kill_rollout_node(cluster: LocalAutoscalingCluster):
 
 
 def kill_learner_rank(rank: int, after_iteration: int):
-    """A fault: once `after_iteration` is written to the ledger (trained and published),
-    kill one learner rank; the next learner call finds it gone."""
+    """A fault: once `after_iteration` is in the ledger, kill one learner rank; the next
+    learner call finds it gone."""
 
     async def fault(trainer: RayTrainer) -> dict:
-        ledger = ledger_file(trainer.output_dir, after_iteration)
-        while not storage.exists(ledger):
+        while not iteration_written(after_iteration)(trainer):
             await asyncio.sleep(0.05)
         version = trainer.learners.version
         ray.kill(trainer.learners.workers[rank], no_restart=True)
@@ -199,16 +208,27 @@ def kill_learner_rank(rank: int, after_iteration: int):
 
 def rollout_node_lost(cluster, tiny_flux: Path, workdir: Path) -> dict:
     cfg = trainer_config(tiny_flux, workdir, "iterations=3", "checkpoint_every=0")
-    return run_with_fault(cluster, cfg, kill_rollout_node(cluster))
+    return run_with_fault(cluster, cfg, kill_role_node(cluster, "rollout", first_update_applied))
 
 
-def learner_lost(cluster, tiny_flux: Path, workdir: Path) -> dict:
+def learner_lost(cluster, tiny_flux: Path, workdir: Path, fault) -> dict:
+    """4 iterations, checkpoints after iterations 1 and 3, with `fault` after iteration 2."""
     cfg = trainer_config(tiny_flux, workdir, "iterations=4", "checkpoint_every=2")
-    record = run_with_fault(cluster, cfg, kill_learner_rank(rank=1, after_iteration=2))
+    record = run_with_fault(cluster, cfg, fault)
     history = MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(
         record["run_id"], "policy/version")
     record["policy_version_history"] = [(m.step, m.value) for m in history]
     return record
+
+
+def learner_rank_lost(cluster, tiny_flux: Path, workdir: Path) -> dict:
+    return learner_lost(cluster, tiny_flux, workdir,
+                        kill_learner_rank(rank=1, after_iteration=2))
+
+
+def learner_node_lost(cluster, tiny_flux: Path, workdir: Path) -> dict:
+    return learner_lost(cluster, tiny_flux, workdir,
+                        kill_role_node(cluster, "learner", iteration_written(2)))
 
 
 def main() -> None:
@@ -229,8 +249,10 @@ def main() -> None:
             result = {"node_types": NODE_TYPES}
             result["rollout_node_lost"] = rollout_node_lost(cluster, tiny_flux,
                                                             workdir / "rollout")
-            cluster.wait_for(lambda: not cluster.worker_counts(), 120, "idle nodes removed")
-            result["learner_lost"] = learner_lost(cluster, tiny_flux, workdir / "learner")
+            for name, scenario in [("learner_lost", learner_rank_lost),
+                                   ("learner_node_lost", learner_node_lost)]:
+                cluster.wait_for(lambda: not cluster.worker_counts(), 120, "idle nodes removed")
+                result[name] = scenario(cluster, tiny_flux, workdir / name)
         finally:
             stop_cluster(cluster)
     write_result(result, args.out)

@@ -1,8 +1,8 @@
 """The Ray trainer on a local autoscaling cluster (Ray's fake multi-node provider): the run
 starts with the head node alone, the trainer's placement groups make the autoscaler add one
-node per role, idle nodes are removed, and the run survives a lost rollout node and a lost
-learner rank. The scenarios are bench/fault_tolerance.py's (which records them in
-bench/results/fault_tolerance.json); here they are asserted."""
+node per role, idle nodes are removed, and the run survives a lost rollout node, a lost
+learner rank and a lost learner node. The scenarios are bench/fault_tolerance.py's (which
+records them in bench/results/fault_tolerance.json); here they are asserted."""
 
 import importlib.util
 from pathlib import Path
@@ -77,11 +77,7 @@ def test_a_lost_rollout_node_is_replaced_and_its_groups_redone(cluster, tiny_flu
     assert_nothing_lost(record)
 
 
-def test_a_lost_learner_rank_resumes_from_the_last_checkpoint(cluster, tiny_flux_path,
-                                                              tmp_path):
-    cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
-    record = bench.learner_lost(cluster, tiny_flux_path, tmp_path)
-    assert record["killed"]["after_iteration"] == 2
+def assert_resumed_from_the_checkpoint_of_iteration_1(record, tmp_path):
     assert record["iterations"] == 4 and record["final_version"] == 4.0
     faults = record["faults_logged"]
     assert faults["faults/learner_restarts"] == 1
@@ -93,3 +89,21 @@ def test_a_lost_learner_rank_resumes_from_the_last_checkpoint(cluster, tiny_flux
     metrics = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
         record["run_id"]).data.metrics
     assert metrics["policy/version"] == 4.0
+
+
+def test_a_lost_learner_rank_resumes_from_the_last_checkpoint(cluster, tiny_flux_path,
+                                                              tmp_path):
+    cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
+    record = bench.learner_rank_lost(cluster, tiny_flux_path, tmp_path)
+    assert record["killed"]["after_iteration"] == 2
+    assert_resumed_from_the_checkpoint_of_iteration_1(record, tmp_path)
+
+
+def test_a_lost_learner_node_is_replaced_and_the_run_resumes_from_the_last_checkpoint(
+        cluster, tiny_flux_path, tmp_path):
+    cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
+    record = bench.learner_node_lost(cluster, tiny_flux_path, tmp_path)
+    assert record["killed"]["what"] == "learner node: SIGKILL of its raylet"
+    # Both ranks were on the killed node; the rebuilt group is on a second learner node.
+    assert record["node_types_launched"] == {"rollout": 1, "reward": 1, "learner": 2}
+    assert_resumed_from_the_checkpoint_of_iteration_1(record, tmp_path)
