@@ -11,6 +11,8 @@ Tasks:
   built into --data or reused from it.
 - left-right: the simplest relation alone: two objects, one left/right relation, the
   rejected image drawn with it flipped; held-out pairs contain an unseen colour/shape combo.
+- colour: no relation to judge, only binding words to pixels: the rejected image is the same
+  layout with one object recoloured to a colour the prompt does not name.
 
 Backbone choices are applied to the tiny model's config before its random weights are drawn:
 --layers, --hidden (LM width), --rope-theta (1e6, the 7B's, leaves a few image columns within
@@ -26,6 +28,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,14 @@ from results_file import write_result
 from reward_accuracy import shapes_pairs
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-from spatialrl.data.grammar import Predicate, Relation, Scene, sample_scene, scene_to_prompt
+from spatialrl.data.grammar import (
+    COLOURS,
+    Predicate,
+    Relation,
+    Scene,
+    sample_scene,
+    scene_to_prompt,
+)
 from spatialrl.data.pairs import PreferencePair, png_bytes, read_pairs
 from spatialrl.data.render import LayoutError, render
 from spatialrl.data.shapes import HELD_OUT_COMBOS, TRAIN_COMBOS
@@ -55,15 +65,22 @@ from spatialrl.tiny.qwen_vl import write_tiny_qwen_vl
 FLIPPED = {Predicate.LEFT_OF: Predicate.RIGHT_OF, Predicate.RIGHT_OF: Predicate.LEFT_OF}
 
 
+def sample_split_scene(rng: np.random.Generator, split: str) -> Scene:
+    """Two objects and one relation; a test scene holds an unseen colour/shape combo."""
+    while True:
+        combos = TRAIN_COMBOS if split == "train" else None
+        scene = sample_scene(rng, num_objects=2, num_relations=1, allowed_combos=combos)
+        if split == "train" or any(o.identity in HELD_OUT_COMBOS for o in scene.objects):
+            return scene
+
+
 def left_right_pairs(n: int, split: str, seed: int) -> list[PreferencePair]:
     rng = np.random.default_rng([seed, split == "test"])
     pairs: list[PreferencePair] = []
     while len(pairs) < n:
-        combos = TRAIN_COMBOS if split == "train" else None
-        scene = sample_scene(rng, num_objects=2, num_relations=1, allowed_combos=combos)
+        scene = sample_split_scene(rng, split)
         relation = scene.relations[0]
-        unseen = any(o.identity in HELD_OUT_COMBOS for o in scene.objects)
-        if relation.predicate not in FLIPPED or (split == "test" and not unseen):
+        if relation.predicate not in FLIPPED:
             continue
         flipped = Relation(relation.subject_index, FLIPPED[relation.predicate],
                            relation.object_index)
@@ -80,9 +97,34 @@ def left_right_pairs(n: int, split: str, seed: int) -> list[PreferencePair]:
     return pairs
 
 
+def colour_pairs(n: int, split: str, seed: int) -> list[PreferencePair]:
+    rng = np.random.default_rng([seed, split == "test", 1])
+    pairs: list[PreferencePair] = []
+    while len(pairs) < n:
+        scene = sample_split_scene(rng, split)
+        first, *rest = scene.objects
+        unnamed = rng.choice(sorted(set(COLOURS) - {o.colour for o in scene.objects}))
+        recoloured = Scene((replace(first, colour=str(unnamed)), *rest), scene.relations)
+        layout_seed = int(rng.integers(2**31))  # the same layout for both images
+        try:
+            correct = render(scene, 64, np.random.default_rng(layout_seed))
+            wrong = render(recoloured, 64, np.random.default_rng(layout_seed))
+        except LayoutError:
+            continue
+        pairs.append(PreferencePair(
+            prompt=scene_to_prompt(scene), perturbed_prompt="", image_preferred=png_bytes(correct),
+            image_rejected=png_bytes(wrong), num_perturbed=1, source="colour", split=split,
+            pair_id=f"colour-{split}-{len(pairs)}",
+        ))
+    return pairs
+
+
+TASK_PAIRS = {"left-right": left_right_pairs, "colour": colour_pairs}
+
+
 def task_pairs(args: argparse.Namespace) -> dict[str, list[PreferencePair]]:
-    if args.task == "left-right":
-        return {split: left_right_pairs(n, split, args.seed)
+    if args.task in TASK_PAIRS:
+        return {split: TASK_PAIRS[args.task](n, split, args.seed)
                 for split, n in (("train", args.train_pairs), ("test", args.test_pairs))}
     folder = Path(args.data)
     shapes_pairs(folder, args.shapes_pairs, seed=1)
@@ -157,7 +199,7 @@ def train(args: argparse.Namespace, model: SpatialScore, pairs: dict) -> list[di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=["shapes", "left-right"], default="shapes")
+    parser.add_argument("--task", choices=["shapes", *TASK_PAIRS], default="shapes")
     parser.add_argument("--data", default="runs/bench-data/shapes")
     parser.add_argument("--shapes-pairs", type=int, default=3000, help="as reward_accuracy.py")
     parser.add_argument("--train-pairs", type=int, default=2400)
