@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -21,6 +24,24 @@ def reserve(role: str, bundles: list[Bundle], timeout_s: float, strategy: str = 
             f"(cluster has {ray.cluster_resources()})"
         )
     return group
+
+
+def release(group: PlacementGroup, settle_s: float = 10.0) -> None:
+    """Remove a placement group and wait (at most settle_s) until the cluster's available
+    resources show its bundles freed, so that a group reserved for the same role next lands
+    there instead of looking like demand to the autoscaler. Resources on a lost node never
+    come back: then the wait just runs out."""
+    freed = Counter()
+    for bundle in group.bundle_specs:
+        freed.update(bundle)
+    before = ray.available_resources()
+    remove_placement_group(group)
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        available = ray.available_resources()
+        if all(available.get(k, 0) >= before.get(k, 0) + v for k, v in freed.items()):
+            return
+        time.sleep(0.1)
 
 
 def in_bundle(group: PlacementGroup, index: int, one: Bundle) -> dict:

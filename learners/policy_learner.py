@@ -17,10 +17,9 @@ import deepspeed
 import ray
 import torch
 import torch.distributed as dist
-from ray.util.placement_group import remove_placement_group
 
 from spatialrl import storage
-from spatialrl.actors.placement import in_bundle, reserve
+from spatialrl.actors.placement import in_bundle, release, reserve
 from spatialrl.config import PolicyModelConfig, TrainConfig
 from spatialrl.flux.loading import load_flux_transformer
 from spatialrl.flux.lora import add_lora, lora_checksum, lora_state_dict, save_lora
@@ -314,4 +313,4 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
-        remove_placement_group(self.placement_group)
+        release(self.placement_group)

@@ -96,6 +96,8 @@ def test_a_lost_learner_rank_resumes_from_the_last_checkpoint(cluster, tiny_flux
     cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
     record = bench.learner_rank_lost(cluster, tiny_flux_path, tmp_path)
     assert record["killed"]["after_iteration"] == 2
+    # The rebuilt group takes the old group's freed room: no second learner node is started.
+    assert record["node_types_launched"] == {"rollout": 1, "reward": 1, "learner": 1}
     assert_resumed_from_the_checkpoint_of_iteration_1(record, tmp_path)
 
 
