@@ -74,6 +74,16 @@ def sample_split_scene(rng: np.random.Generator, split: str) -> Scene:
             return scene
 
 
+def one_change_pair(scene: Scene, correct, wrong, source: str, split: str, index: int
+                    ) -> PreferencePair:
+    """The scene's prompt with its correct render preferred over one changed in one way."""
+    return PreferencePair(
+        prompt=scene_to_prompt(scene), perturbed_prompt="", image_preferred=png_bytes(correct),
+        image_rejected=png_bytes(wrong), num_perturbed=1, source=source, split=split,
+        pair_id=f"{source}-{split}-{index}",
+    )
+
+
 def left_right_pairs(n: int, split: str, seed: int) -> list[PreferencePair]:
     rng = np.random.default_rng([seed, split == "test"])
     pairs: list[PreferencePair] = []
@@ -89,11 +99,7 @@ def left_right_pairs(n: int, split: str, seed: int) -> list[PreferencePair]:
             wrong = render(Scene(scene.objects, (flipped,)), 64, rng)
         except LayoutError:
             continue
-        pairs.append(PreferencePair(
-            prompt=scene_to_prompt(scene), perturbed_prompt="", image_preferred=png_bytes(correct),
-            image_rejected=png_bytes(wrong), num_perturbed=1, source="left-right", split=split,
-            pair_id=f"left-right-{split}-{len(pairs)}",
-        ))
+        pairs.append(one_change_pair(scene, correct, wrong, "left-right", split, len(pairs)))
     return pairs
 
 
@@ -111,11 +117,7 @@ def colour_pairs(n: int, split: str, seed: int) -> list[PreferencePair]:
             wrong = render(recoloured, 64, np.random.default_rng(layout_seed))
         except LayoutError:
             continue
-        pairs.append(PreferencePair(
-            prompt=scene_to_prompt(scene), perturbed_prompt="", image_preferred=png_bytes(correct),
-            image_rejected=png_bytes(wrong), num_perturbed=1, source="colour", split=split,
-            pair_id=f"colour-{split}-{len(pairs)}",
-        ))
+        pairs.append(one_change_pair(scene, correct, wrong, "colour", split, len(pairs)))
     return pairs
 
 
