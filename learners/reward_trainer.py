@@ -92,18 +92,15 @@ def train_reward_model(cfg: RewardTrainConfig, resume: bool = False) -> RewardTr
         tracker = Tracker(cfg.mlflow, tags={"kind": "spatialscore"})
         tracker.log_params(flatten(cfg))
         storage.write_bytes(run_file, json.dumps({"run_id": tracker.run_id}).encode())
-    if not ray.is_initialized():
-        ray.init(address=cfg.distributed.ray_address or os.environ.get("RAY_ADDRESS", "local"))
-    try:
+    with tracker:
+        if not ray.is_initialized():
+            ray.init(address=cfg.distributed.ray_address or os.environ.get("RAY_ADDRESS", "local"))
         result = _trainer(cfg, tracker.run_id).fit()
-    except BaseException as error:
-        tracker.end_by(error)
-        raise
-    # The newest checkpoint, also when this attempt had nothing left to train.
-    with result.checkpoint.as_directory() as folder:
-        steps_done = json.loads((Path(folder) / STATE_FILE).read_text())["steps_done"]
-    # A run stopped by `stop_after` is not finished: --resume sets it RUNNING again.
-    tracker.finish("FINISHED" if steps_done >= cfg.optim.steps else "KILLED")
+        # The newest checkpoint, also when this attempt had nothing left to train.
+        with result.checkpoint.as_directory() as folder:
+            steps_done = json.loads((Path(folder) / STATE_FILE).read_text())["steps_done"]
+        # A run stopped by `stop_after` is not finished: --resume sets it RUNNING again.
+        tracker.finish("FINISHED" if steps_done >= cfg.optim.steps else "KILLED")
     return RewardTrainResult(tracker.run_id, steps_done, result.checkpoint.path)
 
 

@@ -587,11 +587,6 @@ def train_on_ray(cfg: TrainConfig, resume: bool = False) -> str:
         ray.init(address=cfg.cluster.address, log_to_driver=True)
     resume_from = latest_checkpoint(cfg.output_dir) if resume else None
     run_id = load_run_state(resume_from).mlflow_run_id if resume_from else None
-    tracker = Tracker(cfg.mlflow, run_id=run_id, tags={"backend": "ray"})
-    try:
+    with Tracker(cfg.mlflow, run_id=run_id, tags={"backend": "ray"}) as tracker:
         RayTrainer(cfg, tracker, resume_from).run()
-    except BaseException as error:
-        tracker.end_by(error)
-        raise
-    tracker.finish()
     return tracker.run_id

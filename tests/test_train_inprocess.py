@@ -159,6 +159,20 @@ def test_a_run_ended_by_an_exception_is_killed_on_interrupt_and_failed_otherwise
     tmp_path, error, status
 ):
     cfg = tiny_config(tmp_path, tmp_path / "no-model-needed")
-    tracker = Tracker(cfg.mlflow)
-    tracker.end_by(error)
+    with pytest.raises(type(error)), Tracker(cfg.mlflow) as tracker:
+        raise error
+    assert MlflowClient(cfg.mlflow.tracking_uri).get_run(tracker.run_id).info.status == status
+
+
+@pytest.mark.parametrize(("own_status", "status"), [(None, "FINISHED"), ("KILLED", "KILLED")])
+def test_a_run_whose_block_returns_is_finished_unless_the_block_ended_it(
+    tmp_path, own_status, status
+):
+    cfg = tiny_config(tmp_path, tmp_path / "no-model-needed")
+    with Tracker(cfg.mlflow) as tracker:
+        assert MlflowClient(cfg.mlflow.tracking_uri).get_run(tracker.run_id).info.status == (
+            "RUNNING"
+        )
+        if own_status:
+            tracker.finish(own_status)
     assert MlflowClient(cfg.mlflow.tracking_uri).get_run(tracker.run_id).info.status == status

@@ -41,6 +41,18 @@ class Tracker:
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
+        self.ended = False
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, error: BaseException | None, traceback) -> None:
+        """A block that raises ends the run as `end_by` says; one that returns finishes it,
+        unless it already ended the run with a status of its own."""
+        if error is not None:
+            self.end_by(error)
+        elif not self.ended:
+            self.finish()
 
     def log_params(self, params: dict[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
@@ -69,6 +81,7 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+        self.ended = True
 
     def end_by(self, error: BaseException) -> None:
         """End the run an exception stopped: Ctrl-C (or a job stop) kills it, anything else

@@ -46,11 +46,6 @@ def _train_in_process(cfg) -> str:
     from spatialrl.tracking import Tracker
 
     prepare_output_dir(cfg.output_dir)  # a bad output_dir fails before an MLflow run opens
-    tracker = Tracker(cfg.mlflow, tags={"backend": "inprocess"})
-    try:
+    with Tracker(cfg.mlflow, tags={"backend": "inprocess"}) as tracker:
         InProcessTrainer(cfg).fit(tracker)
-    except BaseException as error:
-        tracker.end_by(error)
-        raise
-    tracker.finish()
     return tracker.run_id
