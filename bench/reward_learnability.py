@@ -11,8 +11,15 @@ Tasks:
   built into --data or reused from it.
 - left-right: the simplest relation alone: two objects, one left/right relation, the
   rejected image drawn with it flipped; held-out pairs contain an unseen colour/shape combo.
+- relation: as left-right, over every predicate that has a converse (all but "next to").
 - colour: no relation to judge, only binding words to pixels: the rejected image is the same
   layout with one object recoloured to a colour the prompt does not name.
+
+--then TASK:STEPS (repeatable) makes a curriculum: the same model goes on to train on TASK
+with a fresh optimizer, and the result file ends with every stage's held-out accuracy.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/reward_learnability.py --task colour --steps 1000 \
+        --then left-right:2500 --train-mode full --rope-theta 2 --layers 4
 
 Backbone choices are applied to the tiny model's config before its random weights are drawn:
 --layers, --hidden (LM width), --rope-theta (1e6, the 7B's, leaves a few image columns within
@@ -28,7 +35,8 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +47,7 @@ from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 from spatialrl.data.grammar import (
     COLOURS,
+    CONVERSE,
     Predicate,
     Relation,
     Scene,
@@ -62,7 +71,7 @@ from spatialrl.tiny.pretraining import (
 )
 from spatialrl.tiny.qwen_vl import write_tiny_qwen_vl
 
-FLIPPED = {Predicate.LEFT_OF: Predicate.RIGHT_OF, Predicate.RIGHT_OF: Predicate.LEFT_OF}
+LEFT_RIGHT = frozenset({Predicate.LEFT_OF, Predicate.RIGHT_OF})
 
 
 def sample_split_scene(rng: np.random.Generator, split: str) -> Scene:
@@ -84,22 +93,25 @@ def one_change_pair(scene: Scene, correct, wrong, source: str, split: str, index
     )
 
 
-def left_right_pairs(n: int, split: str, seed: int) -> list[PreferencePair]:
+def one_relation_pairs(n: int, split: str, seed: int, predicates: frozenset[Predicate],
+                       source: str) -> list[PreferencePair]:
+    """Two objects and one relation among `predicates`; the rejected image is drawn with the
+    converse relation (the same objects, the relation reversed)."""
     rng = np.random.default_rng([seed, split == "test"])
     pairs: list[PreferencePair] = []
     while len(pairs) < n:
         scene = sample_split_scene(rng, split)
         relation = scene.relations[0]
-        if relation.predicate not in FLIPPED:
+        if relation.predicate not in predicates:
             continue
-        flipped = Relation(relation.subject_index, FLIPPED[relation.predicate],
-                           relation.object_index)
+        reversed_ = Relation(relation.subject_index, CONVERSE[relation.predicate],
+                             relation.object_index)
         try:
             correct = render(scene, 64, rng)
-            wrong = render(Scene(scene.objects, (flipped,)), 64, rng)
+            wrong = render(Scene(scene.objects, (reversed_,)), 64, rng)
         except LayoutError:
             continue
-        pairs.append(one_change_pair(scene, correct, wrong, "left-right", split, len(pairs)))
+        pairs.append(one_change_pair(scene, correct, wrong, source, split, len(pairs)))
     return pairs
 
 
@@ -121,12 +133,16 @@ def colour_pairs(n: int, split: str, seed: int) -> list[PreferencePair]:
     return pairs
 
 
-TASK_PAIRS = {"left-right": left_right_pairs, "colour": colour_pairs}
+TASK_PAIRS = {
+    "left-right": partial(one_relation_pairs, predicates=LEFT_RIGHT, source="left-right"),
+    "relation": partial(one_relation_pairs, predicates=frozenset(CONVERSE), source="relation"),
+    "colour": colour_pairs,
+}
 
 
-def task_pairs(args: argparse.Namespace) -> dict[str, list[PreferencePair]]:
-    if args.task in TASK_PAIRS:
-        return {split: TASK_PAIRS[args.task](n, split, args.seed)
+def task_pairs(task: str, args: argparse.Namespace) -> dict[str, list[PreferencePair]]:
+    if task in TASK_PAIRS:
+        return {split: TASK_PAIRS[task](n, split, args.seed)
                 for split, n in (("train", args.train_pairs), ("test", args.test_pairs))}
     folder = Path(args.data)
     shapes_pairs(folder, args.shapes_pairs, seed=1)
@@ -174,14 +190,16 @@ def processing(base: Path) -> list:
     return [tokenizer, image_processor]
 
 
-def train(args: argparse.Namespace, model: SpatialScore, pairs: dict) -> list[dict]:
-    optim = RewardOptimConfig(lr=args.lr, steps=args.steps, warmup_steps=min(30, args.steps // 10),
-                              batch_size=args.batch_size)
+def train(args: argparse.Namespace, model: SpatialScore, stage: Stage, pairs: dict
+          ) -> list[dict]:
+    """One stage: a fresh optimizer and schedule, the model carried over from the last."""
+    optim = RewardOptimConfig(lr=args.lr, steps=stage.steps,
+                              warmup_steps=min(30, stage.steps // 10), batch_size=args.batch_size)
     optimizer, schedule = make_optimizer(model, optim)
     trainable = [p for p in model.parameters() if p.requires_grad]
     history, train_accuracy = [], []
     model.train()
-    for step in range(args.steps):
+    for step in range(stage.steps):
         batch = batch_at(pairs["train"], args.batch_size, args.seed, step)
         loss, stats = pair_loss(model(**encode_pairs(model, batch)), mc_samples=0)
         optimizer.zero_grad()
@@ -192,11 +210,33 @@ def train(args: argparse.Namespace, model: SpatialScore, pairs: dict) -> list[di
         train_accuracy.append(stats["accuracy"].item())
         if (step + 1) % args.eval_every == 0:
             heldout = accuracy_summary(score_pairs(model, pairs["test"], 32))["accuracy"]
-            history.append({"step": step + 1, "train_accuracy": float(np.mean(train_accuracy)),
+            history.append({"task": stage.task, "step": step + 1,
+                            "train_accuracy": float(np.mean(train_accuracy)),
                             "heldout_accuracy": heldout})
             train_accuracy = []
             print(history[-1], flush=True)
     return history
+
+
+@dataclass(frozen=True)
+class Stage:
+    task: str
+    steps: int
+
+
+def stage_arg(text: str) -> Stage:
+    """TASK:STEPS, as --then takes it."""
+    task, _, steps = text.partition(":")
+    if task not in ["shapes", *TASK_PAIRS] or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected TASK:STEPS with TASK one of shapes, "
+                                         f"{', '.join(TASK_PAIRS)}; got {text!r}")
+    return Stage(task, int(steps))
+
+
+def final_accuracy(model: SpatialScore, pairs_by_task: dict) -> dict[str, float]:
+    """Held-out accuracy of the finished model on every stage's task."""
+    return {task: accuracy_summary(score_pairs(model, pairs["test"], 32))["accuracy"]
+            for task, pairs in pairs_by_task.items()}
 
 
 def main() -> None:
@@ -214,25 +254,33 @@ def main() -> None:
                         help="layout-caption pretraining of the backbone before SpatialScore")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--then", type=stage_arg, action="append", default=[],
+                        metavar="TASK:STEPS", help="a curriculum: train on TASK for STEPS "
+                        "more steps after the stages before it (repeatable)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/reward_learnability.json")
     args = parser.parse_args()
     start = time.perf_counter()
-    pairs = task_pairs(args)
+    stages = [Stage(args.task, args.steps), *args.then]
+    pairs_by_task = {stage.task: task_pairs(stage.task, args) for stage in stages}
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args, Path(tmp))
         record = Path(tmp) / "captioned" / PRETRAINING_RECORD
         pretraining = json.loads(record.read_text()) if record.is_file() else None
-        history = train(args, model, pairs)
+        history = [entry for stage in stages
+                   for entry in train(args, model, stage, pairs_by_task[stage.task])]
+        finals = final_accuracy(model, pairs_by_task)
     write_result({
-        "settings": vars(args),
-        "pairs": {split: len(records) for split, records in pairs.items()},
+        "settings": {**vars(args), "then": [f"{s.task}:{s.steps}" for s in args.then]},
+        "pairs": {task: {split: len(records) for split, records in pairs.items()}
+                  for task, pairs in pairs_by_task.items()},
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "caption_pretraining": pretraining,
         "history": history,
         "final_heldout_accuracy": history[-1]["heldout_accuracy"] if history else None,
+        "final_heldout_accuracy_by_task": finals,
         "seconds": time.perf_counter() - start,
     }, args.out)
 
