@@ -6,7 +6,12 @@ import time
 from collections import Counter
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from spatialrl.placement import Bundle
@@ -28,12 +33,15 @@ def reserve(role: str, bundles: list[Bundle], timeout_s: float, strategy: str = 
 
 def release(group: PlacementGroup, settle_s: float = 10.0) -> None:
     """Remove a placement group and wait (at most settle_s) until the cluster's available
-    resources show its bundles freed, so that a group reserved for the same role next lands
-    there instead of looking like demand to the autoscaler. Resources on a lost node never
-    come back: then the wait just runs out."""
+    resources show its bundles on live nodes freed, so that a group reserved for the same role
+    next lands there instead of looking like demand to the autoscaler. Bundles on a lost node
+    are not waited for: their resources never come back."""
+    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    placed = placement_group_table(group).get("bundles_to_node_id", {})
     freed = Counter()
-    for bundle in group.bundle_specs:
-        freed.update(bundle)
+    for index, bundle in enumerate(group.bundle_specs):
+        if placed.get(index) in alive:
+            freed.update(bundle)
     before = ray.available_resources()
     remove_placement_group(group)
     deadline = time.monotonic() + settle_s
