@@ -233,6 +233,23 @@ def stage_arg(text: str) -> Stage:
     return Stage(task, int(steps))
 
 
+def save_model(model: SpatialScore, workdir: Path, out_dir: Path) -> Path:
+    """The trained model as from_pretrained folders, for bench/best_of_n.py --spatialscore:
+    full fine-tuning changes the backbone too, so its weights (LoRA left out) become the base
+    model (out_dir/base) that the SpatialScore checkpoint (out_dir/spatialscore) names."""
+    vl_model = model.backbone.get_base_model()
+    weights = {  # peft's wrappers removed; a trained vision tower is peft's modules_to_save copy
+        name.replace(".base_layer", "").replace(".modules_to_save.default", ""): value
+        for name, value in vl_model.state_dict().items()
+        if "lora_" not in name and ".original_module." not in name
+    }
+    base = Qwen2_5_VLForConditionalGeneration(vl_model.config)
+    base.load_state_dict(weights)
+    save_atomically(out_dir / "base", [base, *processing(workdir / "qwen2.5-vl")])
+    model.config = model.config.model_copy(update={"base_model": str(out_dir / "base")})
+    return model.save_pretrained(out_dir / "spatialscore")
+
+
 def final_accuracy(model: SpatialScore, pairs_by_task: dict) -> dict[str, float]:
     """Held-out accuracy of the finished model on every stage's task."""
     return {task: accuracy_summary(score_pairs(model, pairs["test"], 32))["accuracy"]
@@ -260,6 +277,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", help="folder for the trained model (base/, spatialscore/)")
     parser.add_argument("--out", default="bench/results/reward_learnability.json")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -272,6 +290,10 @@ def main() -> None:
         history = [entry for stage in stages
                    for entry in train(args, model, stage, pairs_by_task[stage.task])]
         finals = final_accuracy(model, pairs_by_task)
+        if args.save:
+            saved = SpatialScore.from_pretrained(save_model(model, Path(tmp), Path(args.save)))
+            reloaded = final_accuracy(saved, pairs_by_task)
+            assert reloaded == finals, f"the saved model scores differently: {reloaded} {finals}"
     write_result({
         "settings": {**vars(args), "then": [f"{s.task}:{s.steps}" for s in args.then]},
         "pairs": {task: {split: len(records) for split, records in pairs.items()}
