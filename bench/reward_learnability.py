@@ -154,6 +154,9 @@ def task_pairs(task: str, args: argparse.Namespace) -> dict[str, list[Preference
 
 
 def build_model(args: argparse.Namespace, workdir: Path) -> SpatialScore:
+    if args.init:  # a model an earlier run saved; its own config holds the backbone choices
+        model = SpatialScore.from_pretrained(Path(args.init) / "spatialscore", trainable=True)
+        return model.requires_grad_(True) if args.train_mode == "full" else model
     base = write_tiny_qwen_vl(workdir / "qwen2.5-vl")
     config = AutoConfig.from_pretrained(base)
     text = config.text_config
@@ -236,7 +239,7 @@ def stage_arg(text: str) -> Stage:
     return Stage(task, int(steps))
 
 
-def save_model(model: SpatialScore, workdir: Path, out_dir: Path) -> Path:
+def save_model(model: SpatialScore, out_dir: Path) -> Path:
     """The trained model as from_pretrained folders, for bench/best_of_n.py --spatialscore:
     full fine-tuning changes the backbone too, so its weights (LoRA left out) become the base
     model (out_dir/base) that the SpatialScore checkpoint (out_dir/spatialscore) names."""
@@ -248,7 +251,7 @@ def save_model(model: SpatialScore, workdir: Path, out_dir: Path) -> Path:
     }
     base = Qwen2_5_VLForConditionalGeneration(vl_model.config)
     base.load_state_dict(weights)
-    save_atomically(out_dir / "base", [base, *processing(workdir / "qwen2.5-vl")])
+    save_atomically(out_dir / "base", [base, *processing(Path(model.config.base_model))])
     model.config = model.config.model_copy(update={"base_model": str(out_dir / "base")})
     return model.save_pretrained(out_dir / "spatialscore")
 
@@ -280,6 +283,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", help="start from a model --save wrote (its folder), e.g. to "
+                        "go on with a curriculum; the backbone options are then its own")
     parser.add_argument("--save", help="folder for the trained model (base/, spatialscore/)")
     parser.add_argument("--out", default="bench/results/reward_learnability.json")
     args = parser.parse_args()
@@ -294,7 +299,7 @@ def main() -> None:
                    for entry in train(args, model, stage, pairs_by_task[stage.task])]
         finals = final_accuracy(model, pairs_by_task)
         if args.save:
-            saved = SpatialScore.from_pretrained(save_model(model, Path(tmp), Path(args.save)))
+            saved = SpatialScore.from_pretrained(save_model(model, Path(args.save)))
             reloaded = final_accuracy(saved, pairs_by_task)
             assert reloaded == finals, f"the saved model scores differently: {reloaded} {finals}"
     write_result({
