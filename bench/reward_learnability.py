@@ -11,7 +11,7 @@ Tasks:
   built into --data or reused from it.
 - left-right: the simplest relation alone: two objects, one left/right relation, the
   rejected image drawn with it flipped; held-out pairs contain an unseen colour/shape combo.
-- above-below: as left-right, for above/below.
+- above-below, front-behind, on-under: as left-right, for those predicates.
 - relation: as left-right, over every predicate that has a converse (all but "next to").
 - colour: no relation to judge, only binding words to pixels: the rejected image is the same
   layout with one object recoloured to a colour the prompt does not name.
@@ -72,8 +72,14 @@ from spatialrl.tiny.pretraining import (
 )
 from spatialrl.tiny.qwen_vl import write_tiny_qwen_vl
 
-LEFT_RIGHT = frozenset({Predicate.LEFT_OF, Predicate.RIGHT_OF})
-ABOVE_BELOW = frozenset({Predicate.ABOVE, Predicate.BELOW})
+# One-relation tasks: a predicate and its converse, or every predicate that has one.
+RELATION_TASKS = {
+    "left-right": {Predicate.LEFT_OF, Predicate.RIGHT_OF},
+    "above-below": {Predicate.ABOVE, Predicate.BELOW},
+    "front-behind": {Predicate.IN_FRONT_OF, Predicate.BEHIND},
+    "on-under": {Predicate.ON, Predicate.UNDER},
+    "relation": set(CONVERSE),
+}
 
 
 def sample_split_scene(rng: np.random.Generator, split: str) -> Scene:
@@ -136,9 +142,8 @@ def colour_pairs(n: int, split: str, seed: int) -> list[PreferencePair]:
 
 
 TASK_PAIRS = {
-    "left-right": partial(one_relation_pairs, predicates=LEFT_RIGHT, source="left-right"),
-    "above-below": partial(one_relation_pairs, predicates=ABOVE_BELOW, source="above-below"),
-    "relation": partial(one_relation_pairs, predicates=frozenset(CONVERSE), source="relation"),
+    **{task: partial(one_relation_pairs, predicates=frozenset(predicates), source=task)
+       for task, predicates in RELATION_TASKS.items()},
     "colour": colour_pairs,
 }
 
