@@ -18,6 +18,8 @@ Tasks:
 
 --then TASK:STEPS (repeatable) makes a curriculum: the same model goes on to train on TASK
 with a fresh optimizer, and the result file ends with every stage's held-out accuracy.
+A TASK may mix tasks, as shapes+relation: each batch then takes an equal share of each, so
+a new task is learnt while an earlier one is kept (one task at a time forgets the last).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/reward_learnability.py --task colour --steps 1000 \
         --then left-right:2500 --train-mode full --rope-theta 2 --layers 4
@@ -201,7 +203,20 @@ def processing(base: Path) -> list:
     return [tokenizer, image_processor]
 
 
-def train(args: argparse.Namespace, model: SpatialScore, stage: Stage, pairs: dict
+def mixed_batch(stage: Stage, pairs_by_task: dict, batch_size: int, seed: int, step: int
+                ) -> list[PreferencePair]:
+    """An equal share of the batch from each of the stage's tasks."""
+    share = batch_size // len(stage.tasks)
+    return [pair for task in stage.tasks
+            for pair in batch_at(pairs_by_task[task]["train"], share, seed, step)]
+
+
+def heldout_by_task(model: SpatialScore, tasks, pairs_by_task: dict) -> dict[str, float]:
+    return {task: accuracy_summary(score_pairs(model, pairs_by_task[task]["test"], 32))
+            ["accuracy"] for task in tasks}
+
+
+def train(args: argparse.Namespace, model: SpatialScore, stage: Stage, pairs_by_task: dict
           ) -> list[dict]:
     """One stage: a fresh optimizer and schedule, the model carried over from the last."""
     optim = RewardOptimConfig(lr=args.lr, steps=stage.steps,
@@ -211,7 +226,7 @@ def train(args: argparse.Namespace, model: SpatialScore, stage: Stage, pairs: di
     history, train_accuracy = [], []
     model.train()
     for step in range(stage.steps):
-        batch = batch_at(pairs["train"], args.batch_size, args.seed, step)
+        batch = mixed_batch(stage, pairs_by_task, args.batch_size, args.seed, step)
         loss, stats = pair_loss(model(**encode_pairs(model, batch)), mc_samples=0)
         optimizer.zero_grad()
         loss.backward()
@@ -220,10 +235,11 @@ def train(args: argparse.Namespace, model: SpatialScore, stage: Stage, pairs: di
         schedule.step()
         train_accuracy.append(stats["accuracy"].item())
         if (step + 1) % args.eval_every == 0:
-            heldout = accuracy_summary(score_pairs(model, pairs["test"], 32))["accuracy"]
-            history.append({"task": stage.task, "step": step + 1,
+            heldout = heldout_by_task(model, stage.tasks, pairs_by_task)
+            history.append({"task": stage.name, "step": step + 1,
                             "train_accuracy": float(np.mean(train_accuracy)),
-                            "heldout_accuracy": heldout})
+                            "heldout_accuracy": heldout[stage.tasks[0]],
+                            **({"heldout_by_task": heldout} if len(heldout) > 1 else {})})
             train_accuracy = []
             print(history[-1], flush=True)
     return history
@@ -231,17 +247,30 @@ def train(args: argparse.Namespace, model: SpatialScore, stage: Stage, pairs: di
 
 @dataclass(frozen=True)
 class Stage:
-    task: str
+    tasks: tuple[str, ...]  # more than one: a mixed stage
     steps: int
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.tasks)
+
+
+def tasks_arg(text: str) -> tuple[str, ...]:
+    """TASK or TASK+TASK+..., each one of shapes and TASK_PAIRS."""
+    tasks = tuple(text.split("+"))
+    unknown = [t for t in tasks if t not in ["shapes", *TASK_PAIRS]]
+    if unknown or len(set(tasks)) < len(tasks):
+        raise argparse.ArgumentTypeError(f"tasks are shapes, {', '.join(TASK_PAIRS)}, joined "
+                                         f"by + without repeats; got {text!r}")
+    return tasks
 
 
 def stage_arg(text: str) -> Stage:
     """TASK:STEPS, as --then takes it."""
-    task, _, steps = text.partition(":")
-    if task not in ["shapes", *TASK_PAIRS] or not steps.isdigit() or int(steps) < 1:
-        raise argparse.ArgumentTypeError(f"expected TASK:STEPS with TASK one of shapes, "
-                                         f"{', '.join(TASK_PAIRS)}; got {text!r}")
-    return Stage(task, int(steps))
+    tasks, _, steps = text.partition(":")
+    if not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected TASK:STEPS with STEPS >= 1; got {text!r}")
+    return Stage(tasks_arg(tasks), int(steps))
 
 
 def save_model(model: SpatialScore, out_dir: Path) -> Path:
@@ -261,15 +290,10 @@ def save_model(model: SpatialScore, out_dir: Path) -> Path:
     return model.save_pretrained(out_dir / "spatialscore")
 
 
-def final_accuracy(model: SpatialScore, pairs_by_task: dict) -> dict[str, float]:
-    """Held-out accuracy of the finished model on every stage's task."""
-    return {task: accuracy_summary(score_pairs(model, pairs["test"], 32))["accuracy"]
-            for task, pairs in pairs_by_task.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=["shapes", *TASK_PAIRS], default="shapes")
+    parser.add_argument("--task", type=tasks_arg, default=("shapes",),
+                        help=f"shapes, {', '.join(TASK_PAIRS)}, or a mix as shapes+relation")
     parser.add_argument("--data", default="runs/bench-data/shapes")
     parser.add_argument("--shapes-pairs", type=int, default=3000, help="as reward_accuracy.py")
     parser.add_argument("--train-pairs", type=int, default=2400)
@@ -295,20 +319,21 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     stages = [Stage(args.task, args.steps), *args.then]
-    pairs_by_task = {stage.task: task_pairs(stage.task, args) for stage in stages}
+    pairs_by_task = {task: task_pairs(task, args) for stage in stages for task in stage.tasks}
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args, Path(tmp))
         record = Path(tmp) / "captioned" / PRETRAINING_RECORD
         pretraining = json.loads(record.read_text()) if record.is_file() else None
         history = [entry for stage in stages
-                   for entry in train(args, model, stage, pairs_by_task[stage.task])]
-        finals = final_accuracy(model, pairs_by_task)
+                   for entry in train(args, model, stage, pairs_by_task)]
+        finals = heldout_by_task(model, pairs_by_task, pairs_by_task)
         if args.save:
             saved = SpatialScore.from_pretrained(save_model(model, Path(args.save)))
-            reloaded = final_accuracy(saved, pairs_by_task)
+            reloaded = heldout_by_task(saved, pairs_by_task, pairs_by_task)
             assert reloaded == finals, f"the saved model scores differently: {reloaded} {finals}"
     write_result({
-        "settings": {**vars(args), "then": [f"{s.task}:{s.steps}" for s in args.then]},
+        "settings": {**vars(args), "task": stages[0].name,
+                     "then": [f"{s.name}:{s.steps}" for s in args.then]},
         "pairs": {task: {split: len(records) for split, records in pairs.items()}
                   for task, pairs in pairs_by_task.items()},
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
