@@ -24,6 +24,7 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+from statistics import fmean
 
 import torch
 from mlflow.tracking import MlflowClient
@@ -64,8 +65,8 @@ def mu_by_num_perturbed(records) -> dict:
         group = [r for r in records if r.num_perturbed == count]
         means[str(count)] = {
             "pairs": len(group),
-            "mu_correct": sum(r.mu_preferred for r in group) / len(group),
-            "mu_perturbed": sum(r.mu_rejected for r in group) / len(group),
+            "mu_correct": fmean([r.mu_preferred for r in group]) if group else None,
+            "mu_perturbed": fmean([r.mu_rejected for r in group]) if group else None,
         }
     return means
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from results_file import write_result
-from reward_accuracy import shapes_pairs
+from reward_accuracy import mu_by_num_perturbed, shapes_pairs
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 from spatialrl.data.grammar import (
@@ -216,6 +216,15 @@ def heldout_by_task(model: SpatialScore, tasks, pairs_by_task: dict) -> dict[str
             ["accuracy"] for task in tasks}
 
 
+def shapes_heldout(model: SpatialScore, pairs_by_task: dict) -> dict | None:
+    """On the held-out shapes pairs: accuracy split by perturbed relations (1 vs 2-3), and
+    the mean mu of correct and perturbed renders per count."""
+    if "shapes" not in pairs_by_task:
+        return None
+    records = score_pairs(model, pairs_by_task["shapes"]["test"], 32)
+    return {**accuracy_summary(records), "mu_by_num_perturbed": mu_by_num_perturbed(records)}
+
+
 def train(args: argparse.Namespace, model: SpatialScore, stage: Stage, pairs_by_task: dict
           ) -> list[dict]:
     """One stage: a fresh optimizer and schedule, the model carried over from the last."""
@@ -327,6 +336,7 @@ def main() -> None:
         history = [entry for stage in stages
                    for entry in train(args, model, stage, pairs_by_task)]
         finals = heldout_by_task(model, pairs_by_task, pairs_by_task)
+        shapes = shapes_heldout(model, pairs_by_task)
         if args.save:
             saved = SpatialScore.from_pretrained(save_model(model, Path(args.save)))
             reloaded = heldout_by_task(saved, pairs_by_task, pairs_by_task)
@@ -341,6 +351,7 @@ def main() -> None:
         "history": history,
         "final_heldout_accuracy": history[-1]["heldout_accuracy"] if history else None,
         "final_heldout_accuracy_by_task": finals,
+        "final_shapes_heldout": shapes,
         "seconds": time.perf_counter() - start,
     }, args.out)
 
