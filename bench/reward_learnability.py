@@ -72,7 +72,7 @@ from spatialrl.tiny.pretraining import (
     CaptionPretraining,
     pretrain_on_layout_captions,
 )
-from spatialrl.tiny.qwen_vl import write_tiny_qwen_vl
+from spatialrl.tiny.qwen_vl import fan_in_std, write_tiny_qwen_vl
 
 # One-relation tasks: a predicate and its converse, or every predicate that has one.
 RELATION_TASKS = {
@@ -175,6 +175,9 @@ def build_model(args: argparse.Namespace, workdir: Path) -> SpatialScore:
     text.rope_parameters.update(rope_theta=args.rope_theta,
                                 mrope_section=[rotary_pairs - 2 * spatial, spatial, spatial])
     config.vision_config.out_hidden_size = args.hidden
+    vision = config.vision_config
+    text.initializer_range = args.init_std or fan_in_std(text.hidden_size)
+    vision.initializer_range = args.init_std or fan_in_std(vision.hidden_size)
     score_config = SpatialScoreConfig(
         base_model=str(base), dtype="float32", instruction="Prompt: {prompt}",
         lora={"rank": 16, "alpha": 32, "dropout": 0.0}, head_hidden_size=64, mc_samples=0,
@@ -311,6 +314,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--rope-theta", type=float, default=1e6)
+    parser.add_argument("--init-std", type=float,
+                        help="std of the random weights; default 1/sqrt(width) per tower, as "
+                        "spatialrl tiny-models draws them (0.02, the 7B's, before 2026-12)")
     parser.add_argument("--caption-steps", type=int, default=0,
                         help="layout-caption pretraining of the backbone before SpatialScore")
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -80,6 +80,19 @@ def test_tiny_qwen_vl_is_reproducible(tmp_path):
     assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
 
 
+def test_tiny_qwen_vl_weights_are_drawn_at_one_over_root_width(tiny_qwen_path):
+    """Each tower's square projections have std 1/sqrt(its width), not the 7B's 0.02 (which
+    left the tiny model on a long plateau before it bound prompt words to pixels)."""
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen_path)
+    text, vision = model.config.text_config, model.config.vision_config
+    weights = dict(model.named_parameters())
+    for name, width in (
+        ("model.language_model.layers.0.self_attn.q_proj.weight", text.hidden_size),
+        ("model.visual.blocks.0.attn.proj.weight", vision.hidden_size),
+    ):
+        assert weights[name].std().item() == pytest.approx(width**-0.5, rel=0.1), name
+
+
 def test_inputs_follow_the_chat_format(make_model):
     model = make_model()
     batch = model.prepare_inputs(IMAGES[:2], PROMPTS[:2])
@@ -193,9 +206,11 @@ REDS = [shape_image("red", size) for size in (64, 56, 72, 64)]
 BLUES = [shape_image("blue", size) for size in (64, 56, 72, 64)]
 
 
-def train_steps(model: SpatialScore, steps: int, lr: float = 1e-2) -> list[float]:
-    """Adam on 4 pairs: for each prompt, a red disc is preferred over a blue one."""
-    batch = model.prepare_inputs(REDS + BLUES, RED_BLUE_PROMPTS * 2)
+def train_steps(
+    model: SpatialScore, steps: int, lr: float = 1e-2, preferred=REDS, rejected=BLUES
+) -> list[float]:
+    """Adam on 4 pairs: for each prompt, a disc of `preferred` over one of `rejected`."""
+    batch = model.prepare_inputs(preferred + rejected, RED_BLUE_PROMPTS * 2)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(0)
     model.train()
@@ -214,11 +229,15 @@ def train_steps(model: SpatialScore, steps: int, lr: float = 1e-2) -> list[float
 
 def test_a_few_steps_learn_a_preference(make_model):
     model = make_model()
+    images = {"red": REDS, "blue": BLUES}
     before = model.score(REDS + BLUES, RED_BLUE_PROMPTS * 2).mu
+    # Teach the colour that the random model does not already prefer for every prompt.
+    preferred, rejected = ("blue", "red") if (before[:4] > before[4:]).all() else ("red", "blue")
+    before = model.score(images[preferred] + images[rejected], RED_BLUE_PROMPTS * 2).mu
     assert not (before[:4] > before[4:]).all()
-    losses = train_steps(model, steps=8)
+    losses = train_steps(model, 8, preferred=images[preferred], rejected=images[rejected])
     assert losses[-1] < 0.5 * losses[0]
-    after = model.score(REDS + BLUES, RED_BLUE_PROMPTS * 2).mu
+    after = model.score(images[preferred] + images[rejected], RED_BLUE_PROMPTS * 2).mu
     assert (after[:4] > after[4:]).all()
 
 

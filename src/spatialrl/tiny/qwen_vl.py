@@ -62,6 +62,7 @@ CHAT_TEMPLATE = (
 )
 
 TEXT_HIDDEN_SIZE = 64
+VISION_HIDDEN_SIZE = 32
 MIN_PIXELS = 28 * 28
 MAX_PIXELS = 16 * 28 * 28  # 112x112: at most 16 image tokens
 
@@ -111,9 +112,17 @@ def learn_merges(sequences: list[tuple[str, ...]]) -> list[tuple[str, str]]:
         sequences = [merge_pair(symbols, best) for symbols in sequences]
 
 
+def fan_in_std(width: int) -> float:
+    """Init std 1/sqrt(width). The 7B's 0.02 suits its width 3584; at width 64 it starts the
+    tiny model near zero, where learning to bind prompt words to pixels from preference pairs
+    waits on a long plateau whose length depends on the seed (bench/reward_learnability.py)."""
+    return width**-0.5
+
+
 def build_tiny_model(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
-    """Random weights from torch's global generator; the vocabulary is padded to a multiple
-    of 64 rows, as Qwen's is (152064 rows for 151665 tokens)."""
+    """Random weights from torch's global generator, std 1/sqrt(width) per tower; the
+    vocabulary is padded to a multiple of 64 rows, as Qwen's is (152064 rows for 151665
+    tokens)."""
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         text_config=dict(
@@ -125,6 +134,7 @@ def build_tiny_model(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGener
             num_key_value_heads=2,  # grouped-query attention, as in the 7B
             max_position_embeddings=4096,
             rms_norm_eps=1e-6,
+            initializer_range=fan_in_std(TEXT_HIDDEN_SIZE),
             # head_dim 16: rotary halves split into temporal/height/width sections
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
             bos_token_id=ids("<|endoftext|>"),
@@ -132,8 +142,9 @@ def build_tiny_model(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGener
         ),
         vision_config=dict(
             depth=2,
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=VISION_HIDDEN_SIZE,
+            intermediate_size=2 * VISION_HIDDEN_SIZE,
+            initializer_range=fan_in_std(VISION_HIDDEN_SIZE),
             num_heads=2,
             patch_size=14,
             temporal_patch_size=2,
