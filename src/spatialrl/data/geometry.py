@@ -13,6 +13,7 @@ from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from spatialrl.data.grammar import Predicate
 
@@ -72,6 +73,7 @@ RENDER_THRESHOLDS = Thresholds(
 )
 # Speckle filtering, as fractions of the analysed image's area.
 _MIN_CORE_AREA = 0.0004
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # diagonal neighbours join a component
 _MIN_OBJECT_AREA = 0.001
 # Fewer pixels than this never count as a dent (antialiasing, blur).
 _MIN_DENT_PIXELS = 2
@@ -163,7 +165,7 @@ def read_object(mask: np.ndarray, convex: bool = True) -> ObjectFeatures | None:
 def _remove_speckles(mask: np.ndarray) -> np.ndarray:
     """Keep the parts of the mask within two pixels of a sizeable eroded core."""
     core = _erode(mask)
-    labels, count = _label_components(core)
+    labels, count = ndimage.label(core, structure=_EIGHT_CONNECTED)
     areas = np.bincount(labels.ravel(), minlength=count + 1)
     keep = areas >= max(2, _MIN_CORE_AREA * mask.size)
     keep[0] = False
@@ -182,38 +184,6 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
     return np.logical_or.reduce(_shifted(mask, False))
-
-
-def _label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components (labels 1..count, 0 = background), by union-find over row runs."""
-    parent: list[int] = [0]
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    runs: list[tuple[int, int, int, int]] = []  # row, start, end (exclusive), run id
-    previous: list[tuple[int, int, int, int]] = []
-    for row in range(mask.shape[0]):
-        edges = np.diff(np.concatenate(([0], mask[row].astype(np.int8), [0])))
-        current = []
-        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        for start, end in zip(starts, ends, strict=True):
-            run_id = len(parent)
-            parent.append(run_id)
-            for _, p_start, p_end, p_id in previous:
-                if p_start <= end and p_end >= start:  # touching, diagonals included
-                    parent[find(run_id)] = find(p_id)
-            current.append((row, int(start), int(end), run_id))
-        runs += current
-        previous = current
-    labels = np.zeros(mask.shape, dtype=np.int32)
-    root_label: dict[int, int] = {}
-    for row, start, end, run_id in runs:
-        labels[row, start:end] = root_label.setdefault(find(run_id), len(root_label) + 1)
-    return labels, len(root_label)
 
 
 def relation_holds(
