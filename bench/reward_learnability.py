@@ -21,13 +21,15 @@ with a fresh optimizer, and the result file ends with every stage's held-out acc
 A TASK may mix tasks, as shapes+relation: each batch then takes an equal share of each, so
 a new task is learnt while an earlier one is kept (one task at a time forgets the last).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/reward_learnability.py --task colour --steps 1000 \
-        --then left-right:2500 --train-mode full --rope-theta 2 --layers 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/reward_learnability.py --task colour --steps 400 \
+        --then left-right:1500 --train-mode full --rope-theta 2 --layers 4
 
 Backbone choices are applied to the tiny model's config before its random weights are drawn:
 --layers, --hidden (LM width), --rope-theta (1e6, the 7B's, leaves a few image columns within
-1e-3 rad of each other; ~2 resolves them). --train-mode lora trains what `spatialrl reward
-train` trains (LoRA, head, reward token); full trains every weight, vision tower included.
+1e-3 rad of each other; ~2 resolves them), --init-std (default 1/sqrt(width) per tower; the
+7B's 0.02 leaves the tiny model on a long, seed-dependent plateau).
+--train-mode lora trains what `spatialrl reward train` trains (LoRA, head, reward token);
+full trains every weight, vision tower included.
 --caption-steps N first pretrains every backbone weight for N steps on shapes-world layout
 captions (spatialrl.tiny.pretraining), the stand-in for a pretrained VLM.
 """
@@ -174,8 +176,8 @@ def build_model(args: argparse.Namespace, workdir: Path) -> SpatialScore:
     spatial = 3 * rotary_pairs // 8
     text.rope_parameters.update(rope_theta=args.rope_theta,
                                 mrope_section=[rotary_pairs - 2 * spatial, spatial, spatial])
-    config.vision_config.out_hidden_size = args.hidden
     vision = config.vision_config
+    vision.out_hidden_size = args.hidden
     text.initializer_range = args.init_std or fan_in_std(text.hidden_size)
     vision.initializer_range = args.init_std or fan_in_std(vision.hidden_size)
     score_config = SpatialScoreConfig(
