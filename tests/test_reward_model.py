@@ -229,15 +229,12 @@ def train_steps(
 
 def test_a_few_steps_learn_a_preference(make_model):
     model = make_model()
-    images = {"red": REDS, "blue": BLUES}
     before = model.score(REDS + BLUES, RED_BLUE_PROMPTS * 2).mu
     # Teach the colour that the random model does not already prefer for every prompt.
-    preferred, rejected = ("blue", "red") if (before[:4] > before[4:]).all() else ("red", "blue")
-    before = model.score(images[preferred] + images[rejected], RED_BLUE_PROMPTS * 2).mu
-    assert not (before[:4] > before[4:]).all()
-    losses = train_steps(model, 8, preferred=images[preferred], rejected=images[rejected])
+    preferred, rejected = (BLUES, REDS) if (before[:4] > before[4:]).all() else (REDS, BLUES)
+    losses = train_steps(model, 8, preferred=preferred, rejected=rejected)
     assert losses[-1] < 0.5 * losses[0]
-    after = model.score(images[preferred] + images[rejected], RED_BLUE_PROMPTS * 2).mu
+    after = model.score(preferred + rejected, RED_BLUE_PROMPTS * 2).mu
     assert (after[:4] > after[4:]).all()
 
 
