@@ -9,12 +9,8 @@ held-out pairwise accuracy every --eval-every steps.
 Tasks:
 - shapes: the pairs of bench/reward_accuracy.py (1-3 perturbed relations, 2-3 objects),
   built into --data or reused from it.
-- left-right: the simplest relation alone: two objects, one left/right relation, the
-  rejected image drawn with it flipped; held-out pairs contain an unseen colour/shape combo.
-- above-below, front-behind, on-under: as left-right, for those predicates.
-- relation: as left-right, over every predicate that has a converse (all but "next to").
-- colour: no relation to judge, only binding words to pixels: the rejected image is the same
-  layout with one object recoloured to a colour the prompt does not name.
+- colour, left-right, above-below, front-behind, on-under, relation: the curriculum pair sets
+  of spatialrl.data.curriculum (`spatialrl data shapes --task`), two objects and one change.
 
 --then TASK:STEPS (repeatable) makes a curriculum: the same model goes on to train on TASK
 with a fresh optimizer, and the result file ends with every stage's held-out accuracy.
@@ -40,7 +36,7 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -50,18 +46,8 @@ from results_file import write_result
 from reward_accuracy import mu_by_num_perturbed, shapes_pairs
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-from spatialrl.data.grammar import (
-    COLOURS,
-    CONVERSE,
-    Predicate,
-    Relation,
-    Scene,
-    sample_scene,
-    scene_to_prompt,
-)
-from spatialrl.data.pairs import PreferencePair, png_bytes, read_pairs
-from spatialrl.data.render import LayoutError, render
-from spatialrl.data.shapes import HELD_OUT_COMBOS, TRAIN_COMBOS
+from spatialrl.data.curriculum import CURRICULUM_TASKS, curriculum_pairs
+from spatialrl.data.pairs import PreferencePair, read_pairs
 from spatialrl.reward.config import SpatialScoreConfig
 from spatialrl.reward.evaluation import accuracy_summary, score_pairs
 from spatialrl.reward.inputs import SpatialScoreProcessor, load_qwen_vl_processing
@@ -76,80 +62,7 @@ from spatialrl.tiny.pretraining import (
 )
 from spatialrl.tiny.qwen_vl import fan_in_std, write_tiny_qwen_vl
 
-# One-relation tasks: a predicate and its converse, or every predicate that has one.
-RELATION_TASKS = {
-    "left-right": {Predicate.LEFT_OF, Predicate.RIGHT_OF},
-    "above-below": {Predicate.ABOVE, Predicate.BELOW},
-    "front-behind": {Predicate.IN_FRONT_OF, Predicate.BEHIND},
-    "on-under": {Predicate.ON, Predicate.UNDER},
-    "relation": set(CONVERSE),
-}
-
-
-def sample_split_scene(rng: np.random.Generator, split: str) -> Scene:
-    """Two objects and one relation; a test scene holds an unseen colour/shape combo."""
-    while True:
-        combos = TRAIN_COMBOS if split == "train" else None
-        scene = sample_scene(rng, num_objects=2, num_relations=1, allowed_combos=combos)
-        if split == "train" or any(o.identity in HELD_OUT_COMBOS for o in scene.objects):
-            return scene
-
-
-def one_change_pair(scene: Scene, correct, wrong, source: str, split: str, index: int
-                    ) -> PreferencePair:
-    """The scene's prompt with its correct render preferred over one changed in one way."""
-    return PreferencePair(
-        prompt=scene_to_prompt(scene), perturbed_prompt="", image_preferred=png_bytes(correct),
-        image_rejected=png_bytes(wrong), num_perturbed=1, source=source, split=split,
-        pair_id=f"{source}-{split}-{index}",
-    )
-
-
-def one_relation_pairs(n: int, split: str, seed: int, predicates: frozenset[Predicate],
-                       source: str) -> list[PreferencePair]:
-    """Two objects and one relation among `predicates`; the rejected image is drawn with the
-    converse relation (the same objects, the relation reversed)."""
-    rng = np.random.default_rng([seed, split == "test"])
-    pairs: list[PreferencePair] = []
-    while len(pairs) < n:
-        scene = sample_split_scene(rng, split)
-        relation = scene.relations[0]
-        if relation.predicate not in predicates:
-            continue
-        reversed_ = Relation(relation.subject_index, CONVERSE[relation.predicate],
-                             relation.object_index)
-        try:
-            correct = render(scene, 64, rng)
-            wrong = render(Scene(scene.objects, (reversed_,)), 64, rng)
-        except LayoutError:
-            continue
-        pairs.append(one_change_pair(scene, correct, wrong, source, split, len(pairs)))
-    return pairs
-
-
-def colour_pairs(n: int, split: str, seed: int) -> list[PreferencePair]:
-    rng = np.random.default_rng([seed, split == "test", 1])
-    pairs: list[PreferencePair] = []
-    while len(pairs) < n:
-        scene = sample_split_scene(rng, split)
-        first, *rest = scene.objects
-        unnamed = rng.choice(sorted(set(COLOURS) - {o.colour for o in scene.objects}))
-        recoloured = Scene((replace(first, colour=str(unnamed)), *rest), scene.relations)
-        layout_seed = int(rng.integers(2**31))  # the same layout for both images
-        try:
-            correct = render(scene, 64, np.random.default_rng(layout_seed))
-            wrong = render(recoloured, 64, np.random.default_rng(layout_seed))
-        except LayoutError:
-            continue
-        pairs.append(one_change_pair(scene, correct, wrong, "colour", split, len(pairs)))
-    return pairs
-
-
-TASK_PAIRS = {
-    **{task: partial(one_relation_pairs, predicates=frozenset(predicates), source=task)
-       for task, predicates in RELATION_TASKS.items()},
-    "colour": colour_pairs,
-}
+TASK_PAIRS = {task: partial(curriculum_pairs, task) for task in CURRICULUM_TASKS}
 
 
 def task_pairs(task: str, args: argparse.Namespace) -> dict[str, list[PreferencePair]]:

@@ -41,7 +41,7 @@ from spatialrl import storage
 from spatialrl.config import ConfigError, flatten
 from spatialrl.data.pairs import PairReadResult, iter_pairs
 from spatialrl.reward.evaluation import accuracy_summary, score_pairs
-from spatialrl.reward.model import SpatialScore
+from spatialrl.reward.model import SpatialScore, checkpoint_folder, read_checkpoint_config
 from spatialrl.reward.train_config import RewardTrainConfig
 from spatialrl.reward.training import (
     batch_at,
@@ -78,6 +78,8 @@ def train_reward_model(cfg: RewardTrainConfig, resume: bool = False) -> RewardTr
     Ray cluster in reach (a local instance if none)."""
     cfg = with_absolute_paths(cfg)
     check_data(cfg)
+    if cfg.init_from:
+        cfg = cfg.model_copy(update={"init_from": init_model_folder(cfg.init_from, cfg)})
     run_file = storage.join(cfg.output_dir, RUN_FILE)
     if resume:
         if not storage.exists(run_file):
@@ -124,6 +126,27 @@ def with_absolute_paths(cfg: RewardTrainConfig) -> RewardTrainConfig:
         db = Path(uri.removeprefix("sqlite:///")).resolve()
         updates["mlflow"] = cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{db}"})
     return cfg.model_copy(update=updates)
+
+
+def init_model_folder(location: str, cfg: RewardTrainConfig) -> str:
+    """init_from as a SpatialScore folder or hub id that `cfg.model` can load: an earlier
+    run's output_dir stands for the model of its newest checkpoint."""
+    runs = Path(location) / RAY_RUN_NAME
+    if runs.is_dir():
+        models = sorted(runs.glob(f"checkpoint_*/{MODEL_DIR}"))
+        if not models:
+            raise ConfigError(f"init_from: {location} holds no checkpoint with a model yet")
+        location = str(models[-1])
+    try:
+        saved = read_checkpoint_config(checkpoint_folder(location))
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise ConfigError(f"init_from: {err}") from err
+    if saved.finetune == "full" and cfg.model.finetune != "full":
+        raise ConfigError(
+            f"init_from: {location} was trained with finetune full; set model.finetune full "
+            "to start from its backbone weights"
+        )
+    return str(Path(location).resolve()) if Path(location).is_dir() else location
 
 
 def check_data(cfg: RewardTrainConfig) -> None:
@@ -186,7 +209,10 @@ def train_worker(loop_config: dict) -> None:
     tracker = Tracker(cfg.mlflow, run_id=loop_config["mlflow_run_id"]) if rank == 0 else None
 
     torch.manual_seed(cfg.seed)  # every rank builds the same initial adapter and head
-    model = SpatialScore.from_config(cfg.model).to(ray.train.torch.get_device())
+    model = SpatialScore.from_config(cfg.model)
+    if cfg.init_from:  # a --resume then loads its own checkpoint over these weights
+        model.load_weights(cfg.init_from)
+    model = model.to(ray.train.torch.get_device())
     _check_trainable_fp32(model)
     optimizer, scheduler = make_optimizer(model, cfg.optim)
     engine, *_ = deepspeed.initialize(
@@ -196,7 +222,8 @@ def train_worker(loop_config: dict) -> None:
     steps_done = _restore(engine, world_size)
 
     train = load_pairs(cfg.data.train, "train", rank, world_size)
-    test = load_pairs(cfg.data.test, "test", rank, world_size) if cfg.data.test else None
+    test = load_pairs(cfg.data.test, "test", rank, world_size, cfg.data.max_test_pairs
+                      ) if cfg.data.test else None
     if tracker:
         tracker.log_metrics(
             {**_data_metrics("train", train), **(_data_metrics("test", test) if test else {})},
@@ -282,7 +309,8 @@ def _check_trainable_fp32(model: SpatialScore) -> None:
                  p.dtype != torch.float32]:
         raise ConfigError(
             f"trainable parameters must be fp32 for the fp32 optimiser, got {wrong[:3]}: "
-            "with model.dtype bfloat16/float16, keep model.train_vision_tower false"
+            "with model.dtype bfloat16/float16, keep model.train_vision_tower false and "
+            "model.finetune lora"
         )
 
 

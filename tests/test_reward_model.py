@@ -7,13 +7,24 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file
-from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 from spatialrl.config import ConfigError, validate_config
 from spatialrl.reward import REWARD_TOKEN, SpatialScore, SpatialScoreConfig, gaussian_bt_loss
-from spatialrl.reward.model import ADAPTER_FILE, CONFIG_FILE, HEAD_FILE
-from spatialrl.tiny.qwen_vl import write_tiny_qwen_vl
+from spatialrl.reward.model import (
+    ADAPTER_FILE,
+    BACKBONE_FILE,
+    CONFIG_FILE,
+    HEAD_FILE,
+    checkpoint_files,
+)
+from spatialrl.tiny.qwen_vl import REWARD_BACKBONE, write_tiny_qwen_vl
 
 PROMPTS = [
     "a red circle to the left of a blue square",
@@ -269,6 +280,54 @@ def test_checkpoint_round_trip(make_model, tmp_path, tiny_qwen_path, train_visio
     assert torch.equal(moved.score(IMAGES, PROMPTS).mu, expected.mu)
 
 
+def test_full_finetune_trains_saves_and_loads_the_whole_backbone(make_model, tmp_path,
+                                                                  tiny_qwen_path):
+    model = make_model(finetune="full")
+    assert all(p.requires_grad for p in model.parameters())
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen_path).state_dict()
+    train_steps(model, steps=1)
+    expected = model.score(IMAGES, PROMPTS)
+    folder = model.save_pretrained(tmp_path / "full")
+    assert checkpoint_files(folder) == [folder / n for n in
+                                        (CONFIG_FILE, ADAPTER_FILE, HEAD_FILE, BACKBONE_FILE)]
+    backbone = load_file(folder / BACKBONE_FILE)
+    assert not any(".lora_" in name for name in backbone)
+    key = "model.language_model.layers.0.mlp.down_proj"
+    assert not torch.equal(backbone[f"{key}.base_layer.weight"], base[f"{key}.weight"])
+
+    loaded = SpatialScore.from_pretrained(folder)
+    assert torch.equal(loaded.score(IMAGES, PROMPTS).mu, expected.mu)
+    # Its backbone weights cannot go into a LoRA model, nor load when missing.
+    with pytest.raises(ValueError, match="would drop its backbone weights"):
+        make_model().load_weights(folder)
+    broken = shutil.copytree(folder, tmp_path / "without-backbone")
+    (broken / BACKBONE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=BACKBONE_FILE):
+        SpatialScore.from_pretrained(broken)
+    truncated = shutil.copytree(folder, tmp_path / "truncated")
+    save_file({k: v for k, v in backbone.items() if ".visual." not in k},
+              truncated / BACKBONE_FILE)
+    with pytest.raises(ValueError, match="missing tensors"):
+        SpatialScore.from_pretrained(truncated)
+
+
+def test_a_lora_checkpoint_starts_a_full_finetune(make_model, tmp_path):
+    lora = make_model()
+    train_steps(lora, steps=1)
+    folder = lora.save_pretrained(tmp_path / "lora")
+    full = make_model(finetune="full")
+    full.load_weights(folder)
+    assert torch.equal(full.score(IMAGES, PROMPTS).mu, lora.score(IMAGES, PROMPTS).mu)
+
+
+def test_reward_backbone_is_deeper_with_a_small_rotary_theta(tiny_models_dir):
+    text = AutoConfig.from_pretrained(tiny_models_dir / "qwen2.5-vl-reward").text_config
+    assert text.num_hidden_layers == REWARD_BACKBONE["layers"] == 4
+    assert text.rope_parameters["rope_theta"] == REWARD_BACKBONE["rope_theta"] == 2.0
+    assert AutoConfig.from_pretrained(tiny_models_dir / "qwen2.5-vl").text_config \
+        .num_hidden_layers == 2
+
+
 def test_missing_checkpoint_files_are_named(make_model, tmp_path):
     folder = make_model().save_pretrained(tmp_path / "spatialscore")
     for name in (CONFIG_FILE, ADAPTER_FILE, HEAD_FILE):
@@ -311,3 +370,7 @@ def test_config_validation():
         load(lora={"ranks": 8})
     with pytest.raises(ConfigError, match="mc_samples"):
         load(mc_samples=-1)
+    with pytest.raises(ConfigError, match="train_vision_tower: finetune full already"):
+        load(finetune="full", train_vision_tower=True)
+    with pytest.raises(ConfigError, match="finetune"):
+        load(finetune="partial")

@@ -86,6 +86,9 @@ def test_shards_are_disjoint_complete_and_count_skipped_rows(pairs_dir):
         load_pairs(path, "test")
     with pytest.raises(InputError, match="12 valid train pairs, fewer than the 13 workers"):
         load_pairs(path, "train", 0, 13)
+    # A limit keeps the first valid pairs, still sharded.
+    first = [load_pairs(path, "train", rank, 2, limit=5) for rank in range(2)]
+    assert sorted(ids(first[0].pairs) + ids(first[1].pairs)) == sorted(ids(whole.pairs[:5]))
 
 
 def test_pair_loss_statistics():
@@ -188,6 +191,24 @@ def test_data_and_run_problems_fail_before_any_worker_starts(tiny_qwen_path, pai
             update={"train": str(bad)})}))
 
 
+def test_init_from_problems_fail_before_any_worker_starts(tiny_qwen_path, pairs_dir, tmp_path):
+    from spatialrl.learners.reward_trainer import train_reward_model
+    from spatialrl.reward.model import SpatialScore
+
+    cfg = load_config(LOCAL_CONFIG, overrides(tiny_qwen_path, pairs_dir, tmp_path),
+                      model=RewardTrainConfig)
+    with pytest.raises(ConfigError, match="init_from: .*not found: .*nowhere"):
+        train_reward_model(cfg.model_copy(update={"init_from": str(tmp_path / "nowhere")}))
+    (tmp_path / "empty-run" / "ray-train").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="init_from: .*empty-run holds no checkpoint"):
+        train_reward_model(cfg.model_copy(update={"init_from": str(tmp_path / "empty-run")}))
+    full = SpatialScore.from_config(cfg.model.model_copy(update={"finetune": "full"}))
+    folder = full.save_pretrained(tmp_path / "full")
+    with pytest.raises(ConfigError, match="init_from: .*set model.finetune full"):
+        train_reward_model(cfg.model_copy(update={"init_from": str(folder)}))
+    assert not (tmp_path / "run").exists()  # no run was started
+
+
 # -------------------------------------------------- Ray Train + DeepSpeed + MLflow, 2 workers
 
 
@@ -281,6 +302,43 @@ def test_train_stop_resume_matches_an_uninterrupted_run(
     scores = model.score(images, [pair.prompt] * 2)
     torch.testing.assert_close(scores.mu, final.score(images, [pair.prompt] * 2).mu)
     assert torch.isfinite(scores.mu).all() and (scores.sigma > 0).all()
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_a_full_finetune_continues_from_an_earlier_run(
+    local_ray, tiny_qwen_path, pairs_dir, tmp_path
+):
+    """A curriculum's next stage: init_from an earlier run's output_dir starts from its newest
+    checkpoint, every backbone weight included (finetune full)."""
+    from spatialrl.learners.reward_trainer import train_reward_model
+    from spatialrl.reward.model import SpatialScore
+
+    db = tmp_path / "mlflow.db"
+    full = ("model.finetune=full", "distributed.num_workers=1", "distributed.cpus_per_worker=1",
+            "checkpoint_every=0", "eval_every=0")
+    first = train_reward_model(train_config(
+        tiny_qwen_path, pairs_dir, tmp_path / "first", db, *full, "optim.steps=2"))
+    # One step at a negligible rate: the second run ends where it started.
+    second = train_reward_model(train_config(
+        tiny_qwen_path, pairs_dir, tmp_path / "second", db, *full, "optim.steps=1",
+        "optim.warmup_steps=0", "optim.lr=1e-12", f"init_from={tmp_path / 'first'}"))
+
+    pair = read_pairs(pairs_dir / "test.parquet", split="test").pairs[0]
+    images = [decode_image(pair.image_preferred), decode_image(pair.image_rejected)]
+
+    def mu(folder):
+        return SpatialScore.from_pretrained(folder).score(images, [pair.prompt] * 2).mu
+
+    trained, continued = mu(f"{first.checkpoint}/model"), mu(f"{second.checkpoint}/model")
+    torch.manual_seed(0)
+    untrained = SpatialScore.from_config(SpatialScore.from_pretrained(
+        f"{first.checkpoint}/model").config).score(images, [pair.prompt] * 2).mu
+    assert not torch.allclose(trained, untrained, atol=1e-3)
+    torch.testing.assert_close(continued, trained, atol=1e-5, rtol=1e-5)
+    params = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(second.mlflow_run_id).data.params
+    assert params["init_from"] == f"{first.checkpoint}/model"
 
 
 def test_config_counts_accumulation():

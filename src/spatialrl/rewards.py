@@ -103,11 +103,10 @@ def _single_version(kind: str, cfg: RewardConfig) -> str:
     if kind != "spatialscore":
         return kind
     from spatialrl.checksum import files_checksum
-    from spatialrl.reward.model import ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, checkpoint_folder
+    from spatialrl.reward.model import checkpoint_files, checkpoint_folder
 
-    # The files from_pretrained reads; the config names the base model and its revision.
-    folder = checkpoint_folder(cfg.spatialscore_path)
-    files = [folder / name for name in (CONFIG_FILE, ADAPTER_FILE, HEAD_FILE)]
+    # The config among them names the base model and its revision.
+    files = checkpoint_files(checkpoint_folder(cfg.spatialscore_path))
     return f"spatialscore@{files_checksum(files)}"
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from spatialrl.data.curriculum import CURRICULUM_TASKS
+
     parser = subparsers.add_parser("data", help="build shapes-world datasets")
     commands = parser.add_subparsers(dest="data_command", required=True)
 
@@ -21,6 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument(
         "--test-fraction", type=_fraction, default=0.2,
         help="share of pairs in the test split (held-out colour/shape combinations)",
+    )
+    shapes.add_argument(
+        "--task", default="shapes", choices=["shapes", *CURRICULUM_TASKS],
+        help="shapes: 1-3 perturbed relations among 2-3 objects; the others are curriculum "
+             "sets of two objects and one change (spatialrl.data.curriculum)",
     )
     shapes.set_defaults(func=run_shapes)
 
@@ -69,12 +76,17 @@ def _fraction(text: str) -> float:
 
 
 def run_shapes(args: argparse.Namespace) -> int:
+    from spatialrl.data.curriculum import curriculum_pairs
     from spatialrl.data.pairs import write_pairs
-    from spatialrl.data.shapes import build_shapes_pairs
+    from spatialrl.data.shapes import build_shapes_pairs, split_sizes
 
-    pairs = build_shapes_pairs(args.n, seed=args.seed, size=args.size,
-                               test_fraction=args.test_fraction)
-    for split, records in pairs._asdict().items():
+    if args.task == "shapes":
+        pairs = build_shapes_pairs(args.n, seed=args.seed, size=args.size,
+                                   test_fraction=args.test_fraction)._asdict()
+    else:
+        pairs = {split: curriculum_pairs(args.task, count, split, args.seed, args.size)
+                 for split, count in split_sizes(args.n, args.test_fraction).items()}
+    for split, records in pairs.items():
         count = write_pairs(args.out / f"{split}.parquet", records)
         _report_split(split, count, args.out, [r.num_perturbed for r in records])
     return 0

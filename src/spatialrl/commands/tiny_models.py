@@ -1,7 +1,8 @@
 """`spatialrl tiny-models OUT`: write the tiny random models that tests and CPU runs load.
 
-OUT/flux is a FluxPipeline folder, OUT/qwen2.5-vl a Qwen2.5-VL folder; both load through the
-same from_pretrained code as the production checkpoints.
+OUT/flux is a FluxPipeline folder, OUT/qwen2.5-vl a Qwen2.5-VL folder and OUT/qwen2.5-vl-reward
+a deeper one that a tiny SpatialScore learns spatial relations on; all load through the same
+from_pretrained code as the production checkpoints.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 FLUX_DIR = "flux"
 QWEN_VL_DIR = "qwen2.5-vl"
+QWEN_VL_REWARD_DIR = "qwen2.5-vl-reward"  # deeper, for SpatialScore training (configs/reward)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,13 +44,14 @@ def write_tiny_models(out: Path, seed: int = 0, force: bool = False) -> dict[str
 
     writers = {FLUX_DIR: write_tiny_flux}
     try:
-        from spatialrl.tiny.qwen_vl import write_tiny_qwen_vl
+        from spatialrl.tiny.qwen_vl import REWARD_BACKBONE, write_tiny_qwen_vl
     except ModuleNotFoundError as err:
         if err.name != "spatialrl.tiny.qwen_vl":
             raise
         log.warning("spatialrl.tiny.qwen_vl is not available; not writing %s", QWEN_VL_DIR)
     else:
         writers[QWEN_VL_DIR] = write_tiny_qwen_vl
+        writers[QWEN_VL_REWARD_DIR] = partial(write_tiny_qwen_vl, **REWARD_BACKBONE)
 
     written = {}
     for name, write in writers.items():

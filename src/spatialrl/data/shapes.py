@@ -48,13 +48,17 @@ def _split_code(split: str) -> int:
 
 
 def sample_split_scene(
-    rng: np.random.Generator, split: str, num_relations: tuple[int, int] = (1, 3)
+    rng: np.random.Generator,
+    split: str,
+    num_relations: int | tuple[int, int] = (1, 3),
+    num_objects: int | tuple[int, int] = (2, 3),
 ) -> Scene:
     """A random scene that belongs to `split` ("train" or "test")."""
+    counts = {"num_objects": num_objects, "num_relations": num_relations}
     if _split_code(split) == _split_code("train"):
-        return sample_scene(rng, num_relations=num_relations, allowed_combos=TRAIN_COMBOS)
+        return sample_scene(rng, **counts, allowed_combos=TRAIN_COMBOS)
     while True:
-        scene = sample_scene(rng, num_relations=num_relations)
+        scene = sample_scene(rng, **counts)
         if any(o.identity in HELD_OUT_COMBOS for o in scene.objects):
             return scene
 

@@ -44,6 +44,11 @@ class SpatialScoreConfig(Section):
     lora: RewardLoraConfig = Field(default_factory=RewardLoraConfig)
     # Fine-tune the whole vision tower (saved with the adapter) instead of freezing it.
     train_vision_tower: bool = False
+    # lora: the adapter (and the vision tower if trained), head and reward token train.
+    # full: every backbone weight trains too, the embedding matrix included, and checkpoints
+    # carry the whole backbone. A tiny random backbone needs it to learn relations at all
+    # (README "Training SpatialScore"); the LoRA adapter stays on beside it.
+    finetune: Literal["lora", "full"] = "lora"
     gradient_checkpointing: bool = False
     head_hidden_size: int = Field(1024, ge=1)
     # M in the Gaussian Bradley-Terry loss; 0 = plain Bradley-Terry on mu.
@@ -57,6 +62,8 @@ class SpatialScoreConfig(Section):
     def _check(self) -> SpatialScoreConfig:
         if PROMPT_FIELD not in self.instruction:
             raise ValueError(f"instruction: must contain {PROMPT_FIELD} where the prompt goes")
+        if self.finetune == "full" and self.train_vision_tower:
+            raise ValueError("train_vision_tower: finetune full already trains the vision tower")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError(
                 f"min_pixels: {self.min_pixels} is larger than max_pixels ({self.max_pixels})"

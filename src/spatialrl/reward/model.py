@@ -11,7 +11,8 @@ A checkpoint folder holds safetensors only, never pickles:
 - spatialscore.json: the SpatialScoreConfig (naming the base model) and the reward token,
 - adapter_config.json + adapter_model.safetensors: the peft LoRA adapter (and the vision tower
   when it is trained),
-- reward_head.safetensors: the head and the reward-token embedding.
+- reward_head.safetensors: the head and the reward-token embedding,
+- backbone.safetensors (finetune full only): every other backbone weight.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ CONFIG_FILE = "spatialscore.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 HEAD_FILE = "reward_head.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
 
 
 class HeadOutput(NamedTuple):
@@ -69,6 +71,8 @@ class SpatialScore(nn.Module):
             nn.GELU(),
             nn.Linear(config.head_hidden_size, 2),
         ).float()
+        if config.finetune == "full":
+            self.requires_grad_(True)
 
     @classmethod
     def from_config(cls, config: SpatialScoreConfig) -> SpatialScore:
@@ -112,20 +116,11 @@ class SpatialScore(nn.Module):
         The model comes back in eval mode, frozen unless `trainable`.
         """
         folder = checkpoint_folder(path)
-        for name in (CONFIG_FILE, ADAPTER_FILE, HEAD_FILE):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"SpatialScore checkpoint is missing {folder / name}")
-        saved = json.loads((folder / CONFIG_FILE).read_text())
-        config = SpatialScoreConfig.model_validate(saved["config"])
+        config = read_checkpoint_config(folder)
         if base_model is not None:
             config = config.model_copy(update={"base_model": base_model})
         model = cls.from_config(config)
-        if saved["reward_token_id"] != model.processor.reward_token_id:
-            raise ValueError(
-                f"{folder / CONFIG_FILE}: {REWARD_TOKEN} had id {saved['reward_token_id']} but "
-                f"has {model.processor.reward_token_id} with the tokenizer of {config.base_model}"
-            )
-        model._load_weights(folder)
+        model.load_weights(folder)
         if not trainable:
             model.requires_grad_(False)
         return model.eval()
@@ -143,19 +138,42 @@ class SpatialScore(nn.Module):
         adapter = get_peft_model_state_dict(self.backbone, save_embedding_layers=False)
         save_file(_contiguous(adapter), out_dir / ADAPTER_FILE)
         save_file(_contiguous(self._reward_state()), out_dir / HEAD_FILE)
+        if self.config.finetune == "full":
+            save_file(_contiguous(self._backbone_state()), out_dir / BACKBONE_FILE)
         return out_dir
 
     def _reward_state(self) -> dict[str, torch.Tensor]:
         state = {f"head.{name}": value for name, value in self.head.state_dict().items()}
         return {**state, "reward_embedding": self.reward_embedding.detach()}
 
-    def _load_weights(self, folder: Path) -> None:
+    def _backbone_state(self) -> dict[str, torch.Tensor]:
+        """The base model's weights as peft wraps them, the LoRA matrices left out."""
+        state = self.backbone.get_base_model().state_dict()
+        return {name: value for name, value in state.items() if ".lora_" not in name}
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a checkpoint's trained weights (adapter, head, reward token, and with finetune
+        full the backbone) into this model, whose config must build the same shapes."""
+        folder = checkpoint_folder(path)
+        saved = read_checkpoint_config(folder)
+        if saved.finetune == "full":  # a LoRA checkpoint may start a full fine-tune
+            if self.config.finetune != "full":
+                raise ValueError(
+                    f"{folder / CONFIG_FILE}: a finetune full checkpoint, but this model has "
+                    f"finetune {self.config.finetune}, which would drop its backbone weights"
+                )
+            backbone = load_file(folder / BACKBONE_FILE)
+            _check_tensor_names(folder / BACKBONE_FILE, backbone, self._backbone_state())
+            self.backbone.get_base_model().load_state_dict(backbone, strict=False)
+        reward_token_id = json.loads((folder / CONFIG_FILE).read_text())["reward_token_id"]
+        if reward_token_id != self.processor.reward_token_id:
+            raise ValueError(
+                f"{folder / CONFIG_FILE}: {REWARD_TOKEN} had id {reward_token_id} but has "
+                f"{self.processor.reward_token_id} with the tokenizer of {self.config.base_model}"
+            )
         adapter = load_file(folder / ADAPTER_FILE)
-        expected = get_peft_model_state_dict(self.backbone, save_embedding_layers=False).keys()
-        if missing := sorted(expected - adapter.keys()):
-            raise ValueError(f"{folder / ADAPTER_FILE}: missing tensors {missing[:5]}")
-        if unexpected := sorted(adapter.keys() - expected):
-            raise ValueError(f"{folder / ADAPTER_FILE}: unexpected tensors {unexpected[:5]}")
+        _check_tensor_names(folder / ADAPTER_FILE, adapter, get_peft_model_state_dict(
+            self.backbone, save_embedding_layers=False))
         set_peft_model_state_dict(self.backbone, adapter)
         state = load_file(folder / HEAD_FILE)
         with torch.no_grad():
@@ -224,6 +242,38 @@ def lora_config(config: SpatialScoreConfig) -> LoraConfig:
         target_modules=rf"model\.language_model\.layers\.\d+\.\w+\.(?:{names})",
         modules_to_save=["visual"] if config.train_vision_tower else None,
     )
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The files `from_pretrained` reads from a checkpoint folder."""
+    names = [CONFIG_FILE, ADAPTER_FILE, HEAD_FILE]
+    if read_checkpoint_config(folder).finetune == "full":
+        names.append(BACKBONE_FILE)
+    return [folder / name for name in names]
+
+
+def read_checkpoint_config(folder: Path) -> SpatialScoreConfig:
+    """The config a checkpoint folder was saved with; every file it needs must be there."""
+    for name in (CONFIG_FILE, ADAPTER_FILE, HEAD_FILE):
+        _required(folder / name)
+    config = SpatialScoreConfig.model_validate(
+        json.loads((folder / CONFIG_FILE).read_text())["config"])
+    if config.finetune == "full":
+        _required(folder / BACKBONE_FILE)
+    return config
+
+
+def _required(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"SpatialScore checkpoint is missing {path}")
+    return path
+
+
+def _check_tensor_names(path: Path, loaded: dict, expected: dict) -> None:
+    if missing := sorted(expected.keys() - loaded.keys()):
+        raise ValueError(f"{path}: missing tensors {missing[:5]}")
+    if unexpected := sorted(loaded.keys() - expected.keys()):
+        raise ValueError(f"{path}: unexpected tensors {unexpected[:5]}")
 
 
 def checkpoint_folder(path: str | Path) -> Path:

@@ -15,6 +15,8 @@ class RewardDataConfig(Section):
     # is used, so one file holding both splits works as well.
     train: str
     test: str | None = None
+    # Evaluate on the first N valid test pairs only (a large test split, frequent evals).
+    max_test_pairs: int | None = Field(None, ge=1)
 
 
 class RewardOptimConfig(Section):
@@ -69,6 +71,11 @@ class RewardTrainConfig(Section):
     # (time-sliced or preemptible allocations). None: train to optim.steps.
     stop_after: int | None = Field(None, ge=1)
     model: SpatialScoreConfig = Field(default_factory=SpatialScoreConfig)
+    # Start from trained weights instead of a fresh adapter and head: a SpatialScore
+    # checkpoint folder or hub id, or the output_dir of an earlier run (its newest
+    # checkpoint). A curriculum's next stage, or more training on new pairs; `model` must
+    # build the same shapes (base model architecture, LoRA, head).
+    init_from: str | None = None
     data: RewardDataConfig
     optim: RewardOptimConfig = Field(default_factory=RewardOptimConfig)
     distributed: RewardDistributedConfig = Field(default_factory=RewardDistributedConfig)

@@ -28,12 +28,16 @@ from spatialrl.reward.model import HeadOutput, SpatialScore
 from spatialrl.reward.train_config import RewardOptimConfig
 
 
-def load_pairs(path: str, split: str, rank: int = 0, world_size: int = 1) -> PairReadResult:
-    """This worker's share (every world_size-th valid pair) of a split, with the skipped-row
-    counts of the whole file. Only the share is kept in memory."""
+def load_pairs(
+    path: str, split: str, rank: int = 0, world_size: int = 1, limit: int | None = None
+) -> PairReadResult:
+    """This worker's share (every world_size-th valid pair) of a split's first `limit` valid
+    pairs (all without one), with the skipped-row counts of the rows read. Only the share is
+    kept in memory."""
     skipped: Counter[str] = Counter()
     shard, total = [], 0
-    for index, pair in enumerate(iter_pairs(path, split=split, skipped=skipped)):
+    valid = iter_pairs(path, split=split, skipped=skipped)
+    for index, pair in enumerate(itertools.islice(valid, limit)):
         total = index + 1
         if index % world_size == rank:
             shard.append(pair)

@@ -65,9 +65,15 @@ TEXT_HIDDEN_SIZE = 64
 VISION_HIDDEN_SIZE = 32
 MIN_PIXELS = 28 * 28
 MAX_PIXELS = 16 * 28 * 28  # 112x112: at most 16 image tokens
+# The backbone a tiny SpatialScore learns shapes-world relations on (the reward curriculum):
+# two layers are too shallow, and the 7B's rotary theta 1e6 leaves some of the 4x4 image
+# token columns within 1e-3 rad of each other at head_dim 16 (bench/reward_learnability.py).
+REWARD_BACKBONE = {"layers": 4, "rope_theta": 2.0}
 
 
-def write_tiny_qwen_vl(out_dir: Path, seed: int = 0) -> Path:
+def write_tiny_qwen_vl(
+    out_dir: Path, seed: int = 0, layers: int = 2, rope_theta: float = 1e6
+) -> Path:
     """Build the tiny model and processor and `save_pretrained` both into `out_dir`.
 
     The same seed gives the same weights, bit for bit. The folder appears atomically: it is
@@ -78,7 +84,7 @@ def write_tiny_qwen_vl(out_dir: Path, seed: int = 0) -> Path:
     image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_tiny_model(tokenizer)
+        model = build_tiny_model(tokenizer, layers, rope_theta)
     return save_atomically(out_dir, [model, tokenizer, image_processor])
 
 
@@ -119,7 +125,9 @@ def fan_in_std(width: int) -> float:
     return width**-0.5
 
 
-def build_tiny_model(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
+def build_tiny_model(
+    tokenizer: Qwen2Tokenizer, layers: int = 2, rope_theta: float = 1e6
+) -> Qwen2_5_VLForConditionalGeneration:
     """Random weights from torch's global generator, std 1/sqrt(width) per tower; the
     vocabulary is padded to a multiple of 64 rows, as Qwen's is (152064 rows for 151665
     tokens)."""
@@ -129,14 +137,16 @@ def build_tiny_model(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGener
             vocab_size=-(-len(tokenizer) // 64) * 64,
             hidden_size=TEXT_HIDDEN_SIZE,
             intermediate_size=2 * TEXT_HIDDEN_SIZE,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,  # grouped-query attention, as in the 7B
             max_position_embeddings=4096,
             rms_norm_eps=1e-6,
             initializer_range=fan_in_std(TEXT_HIDDEN_SIZE),
             # head_dim 16: rotary halves split into temporal/height/width sections
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            rope_parameters={
+                "rope_type": "default", "rope_theta": rope_theta, "mrope_section": [2, 3, 3]
+            },
             bos_token_id=ids("<|endoftext|>"),
             eos_token_id=ids("<|im_end|>"),
         ),

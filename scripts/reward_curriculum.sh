@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The SpatialScore curriculum on the tiny backbone (configs/reward/curriculum.yaml): each
+# stage is one `spatialrl reward train` run that starts from the stage before (init_from).
+# Rerunning continues: a stage whose run exists is resumed (a finished one does nothing),
+# and pair sets that exist are reused.
+#
+#   scripts/reward_curriculum.sh            # OUT=runs/reward-curriculum DATA=data/curriculum
+#   SHAPES_PAIRS=72000 scripts/reward_curriculum.sh
+set -euo pipefail
+
+BIN=${BIN:-.venv/bin}
+OUT=${OUT:-runs/reward-curriculum}
+DATA=${DATA:-data/curriculum}
+SHAPES_PAIRS=${SHAPES_PAIRS:-30000}  # 80% train; ~40 ms a pair to build on one core
+CONFIG=${CONFIG:-configs/reward/curriculum.yaml}
+
+"$BIN/spatialrl" tiny-models tiny-models
+
+# pairs TASK N SEED: DATA/TASK-N/{train,test}.parquet, built once.
+pairs() {
+  local dir="$DATA/$1-$2"
+  if [[ ! -f "$dir/test.parquet" ]]; then
+    "$BIN/spatialrl" data shapes --task "$1" --n "$2" --seed "$3" --out "$dir.tmp" >&2
+    mv "$dir.tmp" "$dir"
+  fi
+  echo "$dir"
+}
+
+previous=""
+# stage NAME TASK PAIRS STEPS LR
+stage() {
+  local data run="$OUT/$1"
+  data=$(pairs "$2" "$3" "$([[ $2 == shapes ]] && echo 1 || echo 0)")
+  local args=(--config "$CONFIG" --set "output_dir=$run" --set "data.train=$data/train.parquet"
+              --set "data.test=$data/test.parquet" --set "optim.steps=$4" --set "optim.lr=$5")
+  [[ -n "$previous" ]] && args+=(--set "init_from=$previous")
+  [[ -f "$run/mlflow_run.json" ]] && args+=(--resume)
+  "$BIN/spatialrl" reward train "${args[@]}"
+  previous="$run"
+}
+
+stage 1-colour colour 2500 400 1e-3
+stage 2-left-right left-right 2500 1500 1e-3
+stage 3-relation relation 15000 2500 1e-3
+stage 4-shapes shapes "$SHAPES_PAIRS" 5000 1e-3
+stage 5-shapes-more shapes "$SHAPES_PAIRS" 2500 5e-4

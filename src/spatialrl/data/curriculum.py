@@ -1,0 +1,105 @@
+"""Curriculum pair sets: shapes-world tasks simpler than the full pairs, for a small backbone
+to learn first (`spatialrl data shapes --task ...`).
+
+A tiny random SpatialScore trained on the full shapes pairs from scratch stays at chance; the
+same model trained on colour, then one relation, then every relation, then the full pairs
+gets there (bench/reward_learnability.py and README "Training SpatialScore").
+
+Tasks, each with two objects and one change between the preferred and the rejected image:
+- colour: no relation to judge, only words bound to pixels: the rejected image is the same
+  layout with one object recoloured to a colour the prompt does not name.
+- left-right, above-below, front-behind, on-under: the rejected image is drawn with the
+  relation reversed (its converse).
+- relation: as left-right, over every predicate that has a converse (all but "next to").
+Test scenes contain an unseen (colour, shape) combination, as in the full shapes pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from spatialrl.data.grammar import COLOURS, CONVERSE, Predicate, Relation, Scene, scene_to_prompt
+from spatialrl.data.pairs import PreferencePair, png_bytes
+from spatialrl.data.render import LayoutError, render
+from spatialrl.data.shapes import sample_split_scene
+
+# One-relation tasks: a predicate and its converse, or every predicate that has one.
+RELATION_TASKS = {
+    "left-right": frozenset({Predicate.LEFT_OF, Predicate.RIGHT_OF}),
+    "above-below": frozenset({Predicate.ABOVE, Predicate.BELOW}),
+    "front-behind": frozenset({Predicate.IN_FRONT_OF, Predicate.BEHIND}),
+    "on-under": frozenset({Predicate.ON, Predicate.UNDER}),
+    # "next to" is its own converse: reversing it changes nothing to prefer.
+    "relation": frozenset(p for p, converse in CONVERSE.items() if converse != p),
+}
+CURRICULUM_TASKS = ("colour", *RELATION_TASKS)
+
+
+def curriculum_pairs(
+    task: str, n: int, split: str, seed: int = 0, size: int = 64
+) -> list[PreferencePair]:
+    """The first n pairs of `task` in `split`; a larger n extends the same sequence."""
+    if task == "colour":
+        return colour_pairs(n, split, seed, size)
+    if task in RELATION_TASKS:
+        return one_relation_pairs(n, split, seed, task, size)
+    raise ValueError(f"task must be one of {', '.join(CURRICULUM_TASKS)}, got {task!r}")
+
+
+def sample_two_object_scene(rng: np.random.Generator, split: str) -> Scene:
+    return sample_split_scene(rng, split, num_relations=1, num_objects=2)
+
+
+def one_relation_pairs(n: int, split: str, seed: int, task: str, size: int = 64
+                       ) -> list[PreferencePair]:
+    """Two objects and one relation among the task's predicates; the rejected image is drawn
+    with the converse relation (the same objects, the relation reversed)."""
+    rng = np.random.default_rng([seed, split == "test"])
+    pairs: list[PreferencePair] = []
+    while len(pairs) < n:
+        scene = sample_two_object_scene(rng, split)
+        relation = scene.relations[0]
+        if relation.predicate not in RELATION_TASKS[task]:
+            continue
+        reversed_ = Relation(relation.subject_index, CONVERSE[relation.predicate],
+                             relation.object_index)
+        changed = Scene(scene.objects, (reversed_,))
+        try:
+            correct, wrong = render(scene, size, rng), render(changed, size, rng)
+        except LayoutError:
+            continue
+        pairs.append(_one_change_pair(scene, changed, correct, wrong, task, split, len(pairs)))
+    return pairs
+
+
+def colour_pairs(n: int, split: str, seed: int, size: int = 64) -> list[PreferencePair]:
+    """Two objects; the rejected image recolours the first to a colour the prompt lacks."""
+    rng = np.random.default_rng([seed, split == "test", 1])
+    pairs: list[PreferencePair] = []
+    while len(pairs) < n:
+        scene = sample_two_object_scene(rng, split)
+        first, *rest = scene.objects
+        unnamed = rng.choice(sorted(set(COLOURS) - {o.colour for o in scene.objects}))
+        recoloured = Scene((replace(first, colour=str(unnamed)), *rest), scene.relations)
+        layout_seed = int(rng.integers(2**31))  # the same layout for both images
+        try:
+            correct = render(scene, size, np.random.default_rng(layout_seed))
+            wrong = render(recoloured, size, np.random.default_rng(layout_seed))
+        except LayoutError:
+            continue
+        pairs.append(
+            _one_change_pair(scene, recoloured, correct, wrong, "colour", split, len(pairs)))
+    return pairs
+
+
+def _one_change_pair(scene: Scene, changed: Scene, correct, wrong, source: str, split: str,
+                     index: int) -> PreferencePair:
+    """The scene's prompt with its correct render preferred over the render of `changed`."""
+    return PreferencePair(
+        prompt=scene_to_prompt(scene), perturbed_prompt=scene_to_prompt(changed),
+        image_preferred=png_bytes(correct),
+        image_rejected=png_bytes(wrong), num_perturbed=1, source=source, split=split,
+        pair_id=f"{source}-{split}-{index}",
+    )
