@@ -131,12 +131,8 @@ def with_absolute_paths(cfg: RewardTrainConfig) -> RewardTrainConfig:
 def init_model_folder(location: str, cfg: RewardTrainConfig) -> str:
     """init_from as a SpatialScore folder or hub id that `cfg.model` can load: an earlier
     run's output_dir stands for the model of its newest checkpoint."""
-    runs = Path(location) / RAY_RUN_NAME
-    if runs.is_dir():
-        models = sorted(runs.glob(f"checkpoint_*/{MODEL_DIR}"))
-        if not models:
-            raise ConfigError(f"init_from: {location} holds no checkpoint with a model yet")
-        location = str(models[-1])
+    if (Path(location) / RAY_RUN_NAME).is_dir():
+        location = str(newest_model(location))
     try:
         saved = read_checkpoint_config(checkpoint_folder(location))
     except (FileNotFoundError, OSError, ValueError) as err:
@@ -147,6 +143,14 @@ def init_model_folder(location: str, cfg: RewardTrainConfig) -> str:
             "to start from its backbone weights"
         )
     return str(Path(location).resolve()) if Path(location).is_dir() else location
+
+
+def newest_model(output_dir: str | Path) -> Path:
+    """The model folder of the newest checkpoint of the run in `output_dir`."""
+    models = sorted((Path(output_dir) / RAY_RUN_NAME).glob(f"checkpoint_*/{MODEL_DIR}"))
+    if not models:
+        raise ConfigError(f"init_from: {output_dir} holds no checkpoint with a model yet")
+    return models[-1]
 
 
 def check_data(cfg: RewardTrainConfig) -> None:
