@@ -37,7 +37,7 @@ def stage_record(client: MlflowClient, folder: Path) -> dict:
         "train_pairs": Path(params["data.train"]).parent.name,
         "steps": int(params["optim.steps"]),
         "lr": float(params["optim.lr"]),
-        "init_from": params.get("init_from"),
+        "init_from": None if params.get("init_from") in (None, "None") else params["init_from"],
         "heldout_accuracy": [{"step": m.step, "accuracy": m.value}
                              for m in sorted(evals, key=lambda m: m.step)],
         "seconds": (info.end_time - info.start_time) / 1000 if info.end_time else None,
