@@ -39,7 +39,7 @@ stage() {
   previous="$run"
 }
 
-stage 1-colour colour 2500 400 1e-3
+stage 1-colour colour 2500 1500 1e-3
 stage 2-left-right left-right 2500 1500 1e-3
 stage 3-relation relation 15000 2500 1e-3
 stage 4-shapes shapes "$SHAPES_PAIRS" 5000 1e-3
