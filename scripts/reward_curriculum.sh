@@ -39,8 +39,8 @@ stage() {
   previous="$run"
 }
 
-stage 1-colour colour 2500 1500 1e-3
+stage 1-colour colour 2500 1000 1e-3
 stage 2-left-right left-right 2500 1500 1e-3
 stage 3-relation relation 15000 2500 1e-3
-stage 4-shapes shapes "$SHAPES_PAIRS" 5000 1e-3
-stage 5-shapes-more shapes "$SHAPES_PAIRS" 2500 5e-4
+stage 4-shapes shapes "$SHAPES_PAIRS" 3000 1e-3
+stage 5-shapes-more shapes "$SHAPES_PAIRS" 2000 5e-4
