@@ -42,7 +42,11 @@ def head_node(tmp_path):
     subprocess.run(
         [BIN / "ray", "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
          f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-         f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats"],
+         f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
+         # Not the default agent ports: another Ray instance on the machine holds those, and
+         # its job agent would then never come up.
+         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}"],
         check=True, env=env, capture_output=True, timeout=180,
     )
     try:
@@ -57,18 +61,17 @@ def test_ray_job_submit_runs_the_trainer_on_the_cluster(head_node, tiny_flux_pat
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runtime_env = {"excludes": [".git", ".venv", "runs", "mlruns", "mlartifacts", "*.db",
                                 "tiny-models"]}
-    job = subprocess.run(
-        [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
-         "--runtime-env-json", json.dumps(runtime_env), "--",
-         "spatialrl", "train", "--config", "configs/local.yaml",
-         "--set", f"model.pretrained={tiny_flux_path}", "--set", "iterations=2",
-         "--set", "eval_every=1", "--set", "checkpoint_every=0",
-         "--set", "prompts.prompts_per_iteration=2", "--set", "grpo.group_size=4",
-         "--set", "grpo.top_k=1", "--set", "sampling.num_steps=4",
-         "--set", "prompts.num_eval_prompts=2",
-         "--set", f"output_dir={tmp_path / 'run'}", "--set", f"mlflow.tracking_uri={tracking_uri}"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
+    command = [
+        BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps(runtime_env), "--",
+        "spatialrl", "train", "--config", "configs/local.yaml",
+        "--set", f"model.pretrained={tiny_flux_path}", "--set", "iterations=2",
+        "--set", "eval_every=1", "--set", "checkpoint_every=0",
+        "--set", "prompts.prompts_per_iteration=2", "--set", "grpo.group_size=4",
+        "--set", "grpo.top_k=1", "--set", "sampling.num_steps=4",
+        "--set", "prompts.num_eval_prompts=2",
+        "--set", f"output_dir={tmp_path / 'run'}", "--set", f"mlflow.tracking_uri={tracking_uri}"]
+    job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
 
