@@ -7,8 +7,9 @@ bench/results/reward_curriculum.json.
     .venv/bin/python bench/reward_curriculum.py --pairs runs/bench-data/shapes-72000/test.parquet
 
 Per stage: its pairs, steps, learning rate, held-out accuracy at every evaluation and wall
-time (MLflow run start to end). The final model: pairwise accuracy on the first --test-pairs
-held-out pairs, by perturbed relations, and the mean mu of correct and perturbed renders.
+time (MLflow run start to its last logged training step). The final model: pairwise accuracy
+on the first --test-pairs held-out pairs, by perturbed relations, and the mean mu of correct
+and perturbed renders.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def stage_record(client: MlflowClient, folder: Path) -> dict:
     run = client.get_run(json.loads((folder / RUN_FILE).read_text())["run_id"])
     params, info = run.data.params, run.info
     evals = client.get_metric_history(run.info.run_id, "eval/accuracy")
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
     return {
         "stage": folder.name,
         "status": info.status,
@@ -40,7 +42,9 @@ def stage_record(client: MlflowClient, folder: Path) -> dict:
         "init_from": None if params.get("init_from") in (None, "None") else params["init_from"],
         "heldout_accuracy": [{"step": m.step, "accuracy": m.value}
                              for m in sorted(evals, key=lambda m: m.step)],
-        "seconds": (info.end_time - info.start_time) / 1000 if info.end_time else None,
+        # Run start to its last training step: a finished stage that a rerun of the script
+        # resumed (doing nothing) has a later end time.
+        "seconds": (max(m.timestamp for m in losses) - info.start_time) / 1000 if losses else None,
     }
 
 

@@ -44,3 +44,4 @@ stage 2-left-right left-right 2500 1500 1e-3
 stage 3-relation relation 15000 2500 1e-3
 stage 4-shapes shapes "$SHAPES_PAIRS" 3000 1e-3
 stage 5-shapes-more shapes "$SHAPES_PAIRS" 2000 5e-4
+stage 6-shapes-last shapes "$SHAPES_PAIRS" 3000 5e-4
