@@ -5,13 +5,17 @@
 # and pair sets that exist are reused.
 #
 #   scripts/reward_curriculum.sh            # OUT=runs/reward-curriculum DATA=data/curriculum
-#   SHAPES_PAIRS=72000 scripts/reward_curriculum.sh
+#   DATA=runs/bench-data scripts/reward_curriculum.sh   # reuse the benchmarks' pair sets
+#
+# Measured (README "Training SpatialScore"): 75 min of training on one CPU core, 0.931 on
+# held-out shapes pairs. Building the pairs first takes about 50 min more (72000 shapes
+# pairs at ~40 ms each, one core).
 set -euo pipefail
 
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/reward-curriculum}
 DATA=${DATA:-data/curriculum}
-SHAPES_PAIRS=${SHAPES_PAIRS:-30000}  # 80% train; ~40 ms a pair to build on one core
+SHAPES_PAIRS=${SHAPES_PAIRS:-72000}  # 80% train
 CONFIG=${CONFIG:-configs/reward/curriculum.yaml}
 
 "$BIN/spatialrl" tiny-models tiny-models
