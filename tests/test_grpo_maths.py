@@ -75,6 +75,21 @@ def test_advantage_clipping_and_zero_std_groups():
     assert out.advantages[4:].tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("value", [0.3, 2 / 3, 3.7])
+@pytest.mark.parametrize("std_scope", ["group", "global"])
+def test_groups_of_equal_rewards_get_exactly_zero_advantages(value, std_scope):
+    # 24 copies of a value float32 cannot represent: the group mean is a rounding step off.
+    rewards = torch.cat([torch.full((24,), value), torch.tensor([0.0, 1.0, 0.5, 0.2])])
+    groups = torch.cat([torch.zeros(24, dtype=torch.long), torch.ones(4, dtype=torch.long)])
+    for top_k in (None, 6):
+        out = compute_advantages(
+            rewards, groups, cfg(group_size=24, top_k=top_k, std_scope=std_scope)
+        )
+        assert out.advantages[:24].abs().max().item() == 0.0
+        assert out.zero_std_groups == 1
+        assert out.advantages[24:].abs().max().item() > 0.1  # the other group still learns
+
+
 def test_surrogate_is_minus_advantage_at_ratio_one_and_clips():
     logp = torch.zeros(4, requires_grad=True)
     adv = torch.tensor([1.0, -1.0, 2.0, 0.0])

@@ -15,6 +15,11 @@ batch, so a transition's std is a 0-dim tensor.
 Log-probabilities and KL are per-element means over all non-batch dimensions, as in Flow-GRPO,
 not sums: a ratio exp(logp_new - logp_old) is therefore a per-element (geometric mean) ratio,
 which is why GRPO clip ranges are as small as 1e-4.
+
+Both SDEs use the full Gaussian log-density, -(x - mean)^2 / (2 std^2) - log std - log sqrt(2 pi).
+Flow-GRPO's own CPS code keeps only -(x - mean)^2, without the 1 / (2 std^2): there a step's
+log-ratio is 2 std^2 times the one here, so the same clip_range clips differently and steps
+with different std weigh differently. Tune cps clip ranges for the full density.
 """
 
 from __future__ import annotations

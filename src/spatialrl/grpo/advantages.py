@@ -65,27 +65,29 @@ def compute_advantages(
 
     mean = torch.zeros_like(rewards)
     std = torch.zeros_like(rewards)
-    zero_std = 0
+    # A group whose rewards are all equal carries no signal. Its float32 mean can be one
+    # rounding step off the common value, which the division by eps would blow up into
+    # advantages of order 1e-3, so such groups get exactly zero.
+    flat = torch.zeros_like(kept)
     for gid in groups:
         members = (group_ids == gid) & in_stats
         if not members.any():
             continue
         group_rewards = rewards[members]
         mean[group_ids == gid] = group_rewards.mean()
-        group_std = group_rewards.std(unbiased=False)
-        std[group_ids == gid] = group_std
-        zero_std += int(group_std == 0)
+        std[group_ids == gid] = group_rewards.std(unbiased=False)
+        flat[group_ids == gid] = bool(group_rewards.max() == group_rewards.min())
     if cfg.std_scope == "global" and in_stats.any():
         std[:] = rewards[in_stats].std(unbiased=False)
 
     advantages = (rewards - mean) / (std + cfg.adv_eps)
     if cfg.adv_clip is not None:
         advantages = advantages.clamp(-cfg.adv_clip, cfg.adv_clip)
-    advantages = torch.where(kept, advantages, torch.zeros_like(advantages))
+    advantages = torch.where(kept & ~flat, advantages, torch.zeros_like(advantages))
     return GroupAdvantages(
         advantages=advantages,
         kept=kept,
         num_groups=len(groups),
         dropped_nonfinite_groups=dropped,
-        zero_std_groups=zero_std,
+        zero_std_groups=len(torch.unique(group_ids[flat])),
     )

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,8 +105,12 @@ class SpatialScore(nn.Module):
         rows = backbone.get_input_embeddings().weight.shape[0]
         backbone.resize_token_embeddings(max(rows, len(processor.tokenizer)), mean_resizing=False)
         if config.gradient_checkpointing:
-            backbone.gradient_checkpointing_enable({"use_reentrant": False})
-        return cls(get_peft_model(backbone, lora_config(config)), processor, config)
+            backbone.activation_checkpointing_enable({"use_reentrant": False})
+        with warnings.catch_warnings():  # peft reads transformers' deprecated property
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                    FutureWarning)
+            backbone = get_peft_model(backbone, lora_config(config))
+        return cls(backbone, processor, config)
 
     @classmethod
     def from_pretrained(
@@ -260,7 +266,34 @@ def read_checkpoint_config(folder: Path) -> SpatialScoreConfig:
         json.loads((folder / CONFIG_FILE).read_text())["config"])
     if config.finetune == "full":
         _required(folder / BACKBONE_FILE)
+    bundled = folder / config.base_model
+    if not Path(config.base_model).is_absolute() and bundled.is_dir():
+        # A packaged checkpoint carries its base model in a subfolder (package_checkpoint).
+        config = config.model_copy(update={"base_model": str(bundled)})
     return config
+
+
+BUNDLED_BASE_DIR = "base"
+
+
+def package_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A self-contained copy of a checkpoint: its files plus the base model it names (a
+    local folder) in `out_dir/base`, so the folder loads anywhere, e.g. shipped in a repo."""
+    folder = checkpoint_folder(checkpoint)
+    config = read_checkpoint_config(folder)
+    base = Path(config.base_model)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{folder}: its base model {base} is not a local folder")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [CONFIG_FILE, ADAPTER_FILE, HEAD_FILE, "adapter_config.json"]
+    for name in names + ([BACKBONE_FILE] if config.finetune == "full" else []):
+        shutil.copy2(folder / name, out_dir / name)
+    shutil.copytree(base, out_dir / BUNDLED_BASE_DIR, dirs_exist_ok=True)
+    saved = json.loads((out_dir / CONFIG_FILE).read_text())
+    saved["config"]["base_model"] = BUNDLED_BASE_DIR
+    (out_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2) + "\n")
+    return out_dir
 
 
 def _required(path: Path) -> Path:

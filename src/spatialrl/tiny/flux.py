@@ -10,6 +10,7 @@ offline from a word list that covers shapes-world prompts: words outside it stil
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
@@ -45,12 +46,42 @@ dog cat bird person man woman child window door clock phone keyboard screen pict
 photo image painting drawing background scene room floor wall ground sky
 """.split()
 
-CLIP_HIDDEN_SIZE = 32
-T5_HIDDEN_SIZE = 32
 LATENT_CHANNELS = 4
 
 
-def write_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
+@dataclass(frozen=True)
+class FluxSize:
+    """The sizes a small FLUX.1-dev is built with; the defaults are the tiny test model."""
+
+    text_hidden_size: int = 32  # CLIP and T5 width
+    text_layers: int = 2
+    # One entry per VAE resolution level: the image is 2**(levels - 1) times the latent side.
+    vae_channels: tuple[int, ...] = (16, 32)
+    num_layers: int = 1  # double-stream blocks
+    num_single_layers: int = 2
+    attention_head_dim: int = 16
+    num_attention_heads: int = 2
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)  # sums to attention_head_dim
+    # FLUX.1-dev's dynamic shift is tuned for 256-4096 image tokens.
+    base_image_seq_len: int = 256
+
+
+TINY = FluxSize()
+# The shapes-world base generator (spatialrl pretrain generator): 64 px images, 4x VAE,
+# so 8 x 8 = 64 packed image tokens.
+SHAPES_GENERATOR = FluxSize(
+    text_hidden_size=64,
+    vae_channels=(16, 32, 32),
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    axes_dims_rope=(8, 12, 12),
+    base_image_seq_len=64,
+)
+
+
+def write_tiny_flux(out_dir: Path, seed: int = 0, size: FluxSize = TINY) -> Path:
     """Build a tiny random FluxPipeline and `save_pretrained` it into `out_dir`.
 
     The same seed gives the same weights, bit for bit. The folder appears atomically: the
@@ -59,21 +90,21 @@ def write_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipeline = build_tiny_flux()
+        pipeline = build_tiny_flux(size)
     return save_atomically(out_dir, [pipeline])
 
 
-def build_tiny_flux() -> FluxPipeline:
-    """Tiny FLUX.1-dev with random weights drawn from torch's global generator."""
+def build_tiny_flux(size: FluxSize = TINY) -> FluxPipeline:
+    """A small FLUX.1-dev with random weights drawn from torch's global generator."""
     tokenizer = clip_tokenizer(VOCABULARY_WORDS)
     tokenizer_2 = t5_tokenizer(VOCABULARY_WORDS)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=CLIP_HIDDEN_SIZE,
-            intermediate_size=2 * CLIP_HIDDEN_SIZE,
-            projection_dim=CLIP_HIDDEN_SIZE,
-            num_hidden_layers=2,
+            hidden_size=size.text_hidden_size,
+            intermediate_size=2 * size.text_hidden_size,
+            projection_dim=size.text_hidden_size,
+            num_hidden_layers=size.text_layers,
             num_attention_heads=2,
             max_position_embeddings=tokenizer.model_max_length,
             bos_token_id=tokenizer.bos_token_id,
@@ -84,10 +115,10 @@ def build_tiny_flux() -> FluxPipeline:
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_2),
-            d_model=T5_HIDDEN_SIZE,
+            d_model=size.text_hidden_size,
             d_kv=8,
-            d_ff=2 * T5_HIDDEN_SIZE,
-            num_layers=2,
+            d_ff=2 * size.text_hidden_size,
+            num_layers=size.text_layers,
             num_heads=4,
             relative_attention_num_buckets=8,
             relative_attention_max_distance=32,
@@ -97,14 +128,15 @@ def build_tiny_flux() -> FluxPipeline:
             eos_token_id=tokenizer_2.eos_token_id,
         )
     )
-    # Two resolution levels: vae_scale_factor 2, so a 64x64 image is 32x32 latents, packed
-    # into 16x16 = 256 tokens (FLUX's base_image_seq_len, i.e. mu = base_shift).
+    # The tiny model has two resolution levels: vae_scale_factor 2, so a 64x64 image is 32x32
+    # latents, packed into 16x16 = 256 tokens (FLUX's base_image_seq_len, i.e. mu = base_shift).
+    levels = len(size.vae_channels)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=size.vae_channels,
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
@@ -117,14 +149,14 @@ def build_tiny_flux() -> FluxPipeline:
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * LATENT_CHANNELS,  # latents are packed in 2x2 patches
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=T5_HIDDEN_SIZE,
-        pooled_projection_dim=CLIP_HIDDEN_SIZE,
+        num_layers=size.num_layers,
+        num_single_layers=size.num_single_layers,
+        attention_head_dim=size.attention_head_dim,
+        num_attention_heads=size.num_attention_heads,
+        joint_attention_dim=size.text_hidden_size,
+        pooled_projection_dim=size.text_hidden_size,
         guidance_embeds=True,  # FLUX.1-dev is guidance-distilled
-        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        axes_dims_rope=size.axes_dims_rope,
     )
     # FLUX.1-dev's scheduler config.
     scheduler = FlowMatchEulerDiscreteScheduler(
@@ -133,7 +165,7 @@ def build_tiny_flux() -> FluxPipeline:
         use_dynamic_shifting=True,
         base_shift=0.5,
         max_shift=1.15,
-        base_image_seq_len=256,
+        base_image_seq_len=size.base_image_seq_len,
         max_image_seq_len=4096,
     )
     return FluxPipeline(

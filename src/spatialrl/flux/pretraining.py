@@ -1,0 +1,347 @@
+"""Pretraining a small FLUX.1-dev on the shapes world: the base generator the RL starts from.
+
+The pipeline's own classes are trained, in the order FLUX itself was built:
+1. renders: a pool of train-split shapes-world scenes (unseen colour/shape combinations never
+   appear), drawn by the renderer;
+2. the VAE (AutoencoderKL) learns to reconstruct them; its scaling and shift factors are then
+   set from the latents' statistics, as FLUX.1-dev's are;
+3. the FluxTransformer2DModel, with both text encoders trained jointly, learns the rectified
+   flow objective of diffusers' FLUX training scripts: x_t = (1 - s) x_0 + s noise, the
+   network predicts noise - x_0, given the packed latents, the pipeline's prompt embeddings
+   and the guidance embedding.
+
+Every stage writes its result into a work folder and is skipped once done, and the long
+transformer stage checkpoints as it goes, so an interrupted build continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FluxPipeline
+from diffusers.training_utils import EMAModel
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file, save_file
+
+from spatialrl.data.grammar import scene_to_prompt
+from spatialrl.data.render import LayoutError, render
+from spatialrl.data.shapes import sample_split_scene
+from spatialrl.evaluation import rule_figures
+from spatialrl.tiny import save_atomically
+from spatialrl.tiny.flux import SHAPES_GENERATOR, build_tiny_flux
+
+log = logging.getLogger(__name__)
+
+RENDERS_FILE = "renders.safetensors"
+PROMPTS_FILE = "prompts.json"
+VAE_DIR = "vae"
+LATENTS_FILE = "latents.safetensors"
+CHECKPOINT_DIR = "checkpoint"  # the transformer stage's newest checkpoint
+STATE_FILE = "training_state.pt"  # optimiser and EMA tensors; loaded with weights_only=True
+PROGRESS_FILE = "progress.json"
+TRAINED_PARTS = ("transformer", "text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class GeneratorPretraining:
+    """Settings of `spatialrl pretrain generator` (the shipped model card lists them)."""
+
+    seed: int = 0
+    image_size: int = 64
+    num_renders: int = 50_000
+    vae_steps: int = 1000
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    # FluxPipeline pads every prompt to this many T5 tokens; 40 holds the longest
+    # shapes-world prompt (35), so none is cut.
+    max_sequence_length: int = 40
+    # Guidance values drawn in training: any guidance_scale in this range samples alike.
+    guidance_range: tuple[float, float] = (1.0, 5.0)
+    checkpoint_every: int = 250
+    log_every: int = 50
+
+
+def pretrain_generator(
+    out_dir: Path, work_dir: Path, settings: GeneratorPretraining = GeneratorPretraining()
+) -> Path:
+    """Build the base generator into `out_dir` (a FluxPipeline folder), staging in `work_dir`.
+
+    Rerunning with the same work folder continues an interrupted build."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _check_settings(work_dir, settings)
+    torch.manual_seed(settings.seed)
+    pipeline = build_tiny_flux(SHAPES_GENERATOR)
+    images, prompts = renders(work_dir, settings)
+    pipeline.vae = trained_vae(pipeline.vae, images, work_dir, settings)
+    latents = encoded_latents(pipeline.vae, images, work_dir)
+    train_transformer(pipeline, latents, prompts, work_dir, settings)
+    return save_atomically(Path(out_dir), [pipeline])
+
+
+def _check_settings(work_dir: Path, settings: GeneratorPretraining) -> None:
+    """A work folder belongs to one set of settings: resuming with others would mix builds."""
+    recorded = work_dir / "settings.json"
+    current = json.loads(json.dumps(asdict(settings)))
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        changed = {k for k in current if before.get(k) != current[k] and k != "steps"}
+        if changed:
+            raise ValueError(
+                f"{work_dir} holds a build with other settings ({sorted(changed)}); "
+                "use a new work folder"
+            )
+    recorded.write_text(json.dumps(current, indent=2) + "\n")
+
+
+# 1. Renders ----------------------------------------------------------------------------
+
+
+def renders(work_dir: Path, settings: GeneratorPretraining) -> tuple[np.ndarray, list[str]]:
+    """(uint8 [N, H, W, 3] images, their prompts): train-split scenes, made once."""
+    images_path, prompts_path = work_dir / RENDERS_FILE, work_dir / PROMPTS_FILE
+    if not prompts_path.is_file():
+        rng = np.random.default_rng([settings.seed, 1])
+        images, prompts = [], []
+        while len(prompts) < settings.num_renders:
+            scene = sample_split_scene(rng, "train")
+            try:
+                image = render(scene, settings.image_size, rng)
+            except LayoutError:
+                continue
+            images.append(np.asarray(image))
+            prompts.append(scene_to_prompt(scene))
+        save_numpy({"images": np.stack(images)}, str(images_path))
+        prompts_path.write_text(json.dumps(prompts))  # written last: it marks the stage done
+        log.info("rendered %d train-split scenes", len(prompts))
+    return load_numpy(str(images_path))["images"], json.loads(prompts_path.read_text())
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# 2. VAE --------------------------------------------------------------------------------
+
+
+def trained_vae(
+    vae: AutoencoderKL, images: np.ndarray, work_dir: Path, settings: GeneratorPretraining
+) -> AutoencoderKL:
+    folder = work_dir / VAE_DIR
+    if (folder / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    rng = np.random.default_rng([settings.seed, 2])
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr)
+    vae.train()
+    for step in range(settings.vae_steps):
+        pixels = to_pixels(images[rng.integers(len(images), size=settings.vae_batch_size)])
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(reconstruction, pixels) + settings.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % settings.log_every == 0:
+            log.info("vae step %d/%d: loss %.5f", step + 1, settings.vae_steps, loss.item())
+    vae.eval()
+    _set_latent_normalisation(vae, images)
+    figures = reconstruction_figures(vae, settings)
+    log.info("vae reconstructions of held-out renders: %s", figures)
+    (work_dir / "vae_figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    save_atomically(folder, [vae])
+    return vae
+
+
+@torch.no_grad()
+def reconstruction_figures(
+    vae: AutoencoderKL, settings: GeneratorPretraining, n: int = 200
+) -> dict[str, float]:
+    """What the rule evaluator reads from the VAE's reconstructions of test-split renders
+    (unseen colour/shape combinations): the ceiling for any generator on this VAE."""
+    rng = np.random.default_rng([settings.seed, 4])
+    prompts, images = [], []
+    while len(prompts) < n:
+        scene = sample_split_scene(rng, "test")
+        try:
+            images.append(np.asarray(render(scene, settings.image_size, rng)))
+        except LayoutError:
+            continue
+        prompts.append(scene_to_prompt(scene))
+    decoded = vae.decode(vae.encode(to_pixels(np.stack(images))).latent_dist.mode()).sample
+    pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return rule_figures(list(pixels), prompts)
+
+
+@torch.no_grad()
+def _set_latent_normalisation(vae: AutoencoderKL, images: np.ndarray) -> None:
+    """FLUX's VAE stores a shift and scale that bring its latents to mean 0, std 1; the
+    pipeline applies them when it decodes. They are measured here the same way."""
+    latents = vae.encode(to_pixels(images[:2048])).latent_dist.mode()
+    shift = latents.mean().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / (latents - shift).std().item())
+
+
+@torch.no_grad()
+def encoded_latents(vae: AutoencoderKL, images: np.ndarray, work_dir: Path) -> torch.Tensor:
+    """Normalised latents [N, C, h, w] of every render (the posterior's mean), made once."""
+    path = work_dir / LATENTS_FILE
+    if path.is_file():
+        return load_file(path)["latents"]
+    parts = [vae.encode(to_pixels(images[i:i + 256])).latent_dist.mode()
+             for i in range(0, len(images), 256)]
+    latents = (torch.cat(parts) - vae.config.shift_factor) * vae.config.scaling_factor
+    save_file({"latents": latents.contiguous()}, str(path))
+    return latents
+
+
+# 3. Transformer and text encoders --------------------------------------------------------
+
+
+def train_transformer(
+    pipeline: FluxPipeline,
+    latents: torch.Tensor,
+    prompts: list[str],
+    work_dir: Path,
+    settings: GeneratorPretraining,
+) -> None:
+    """Rectified-flow training of the transformer and both text encoders, resumed from the
+    work folder's checkpoint; at the end the EMA weights are copied into the pipeline."""
+    parts = [getattr(pipeline, name) for name in TRAINED_PARTS]
+    parameters = [p for part in parts for p in part.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / settings.warmup_steps)
+    )
+    ema = EMAModel(parameters, decay=settings.ema_decay)
+    generator = torch.Generator().manual_seed(settings.seed)
+    rng = np.random.default_rng([settings.seed, 3])
+    state = TrainingState(parts, optimizer, schedule, ema, generator, rng)
+    start = state.resume(work_dir)
+    for part in parts:
+        part.train()
+    started, losses = time.monotonic(), []
+    for step in range(start, settings.steps):
+        rows = rng.integers(len(prompts), size=settings.batch_size)
+        loss = flow_matching_loss(
+            pipeline, latents[rows], [prompts[i] for i in rows], settings, generator
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.step(parameters)
+        losses.append(loss.item())
+        if (step + 1) % settings.log_every == 0:
+            rate = (step + 1 - start) / (time.monotonic() - started)
+            log.info("transformer step %d/%d: loss %.4f (%.2f steps/s)", step + 1,
+                     settings.steps, float(np.mean(losses[-settings.log_every:])), rate)
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+            state.save(work_dir, step + 1, float(np.mean(losses)))
+            losses = []
+    for part in parts:
+        part.eval()
+    ema.copy_to(parameters)
+
+
+def flow_matching_loss(
+    pipeline: FluxPipeline,
+    latents: torch.Tensor,
+    prompts: list[str],
+    settings: GeneratorPretraining,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Mean squared error of the predicted velocity (noise - x_0) at logit-normal noise
+    levels, the weighting SD3 and the FLUX scripts offer."""
+    batch, channels, height, width = latents.shape
+    sigmas = torch.sigmoid(torch.randn(batch, generator=generator))
+    noise = torch.randn(latents.shape, generator=generator)
+    noisy = (1 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
+    low, high = settings.guidance_range
+    guidance = low + (high - low) * torch.rand(batch, generator=generator)
+    prompt_embeds, pooled, text_ids = pipeline.encode_prompt(
+        prompt=prompts, prompt_2=None, max_sequence_length=settings.max_sequence_length
+    )
+    prediction = pipeline.transformer(
+        hidden_states=pipeline._pack_latents(noisy, batch, channels, height, width),
+        timestep=sigmas,  # the pipeline passes timesteps / 1000, i.e. sigma
+        guidance=guidance,
+        pooled_projections=pooled,
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=text_ids,
+        img_ids=pipeline._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu",
+                                                   latents.dtype),
+        return_dict=False,
+    )[0]
+    target = pipeline._pack_latents(noise - latents, batch, channels, height, width)
+    return F.mse_loss(prediction, target)
+
+
+@dataclass
+class TrainingState:
+    """Everything the transformer stage needs to continue bit for bit: weights, optimiser,
+    schedule, EMA and both random streams."""
+
+    parts: list
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    ema: EMAModel
+    generator: torch.Generator
+    rng: np.random.Generator
+
+    def save(self, work_dir: Path, step: int, mean_loss: float) -> None:
+        """Weights as safetensors, the rest as plain tensors and JSON, written beside the
+        old checkpoint and swapped in, so a kill mid-write keeps the previous one."""
+        staging = work_dir / f"{CHECKPOINT_DIR}.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        for name, part in zip(TRAINED_PARTS, self.parts, strict=True):
+            part.save_pretrained(staging / name)
+        torch.save({"optimizer": self.optimizer.state_dict(),
+                    "schedule": self.schedule.state_dict(),
+                    "ema": self.ema.state_dict(),
+                    "generator": self.generator.get_state()}, staging / STATE_FILE)
+        progress = {"step": step, "rng": self.rng.bit_generator.state}
+        (staging / PROGRESS_FILE).write_text(json.dumps(progress))
+        final, old = work_dir / CHECKPOINT_DIR, work_dir / f"{CHECKPOINT_DIR}.old"
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+        with (work_dir / "loss.jsonl").open("a") as record:
+            record.write(json.dumps({"step": step, "loss": mean_loss}) + "\n")
+
+    def resume(self, work_dir: Path) -> int:
+        """The step to start from: that of the work folder's checkpoint, or 0."""
+        folder = work_dir / CHECKPOINT_DIR
+        if not (folder / PROGRESS_FILE).is_file():
+            return 0
+        for name, part in zip(TRAINED_PARTS, self.parts, strict=True):
+            saved = type(part).from_pretrained(folder / name, use_safetensors=True)
+            part.load_state_dict(saved.state_dict())
+        state = torch.load(folder / STATE_FILE, weights_only=True)  # tensors only, no code
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.ema.load_state_dict(state["ema"])
+        self.generator.set_state(state["generator"])
+        progress = json.loads((folder / PROGRESS_FILE).read_text())
+        self.rng.bit_generator.state = progress["rng"]
+        log.info("resuming the transformer stage at step %d from %s", progress["step"], folder)
+        return progress["step"]
