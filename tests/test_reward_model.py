@@ -23,6 +23,7 @@ from spatialrl.reward.model import (
     CONFIG_FILE,
     HEAD_FILE,
     checkpoint_files,
+    package_checkpoint,
 )
 from spatialrl.tiny.qwen_vl import REWARD_BACKBONE, write_tiny_qwen_vl
 
@@ -374,3 +375,27 @@ def test_config_validation():
         load(finetune="full", train_vision_tower=True)
     with pytest.raises(ConfigError, match="finetune"):
         load(finetune="partial")
+
+
+def test_a_packaged_checkpoint_carries_its_base_model(tmp_path, tiny_qwen_path, monkeypatch):
+    base = shutil.copytree(tiny_qwen_path, tmp_path / "base-elsewhere")
+    torch.manual_seed(0)
+    model = SpatialScore.from_config(SpatialScoreConfig(
+        base_model=str(base), dtype="float32", head_hidden_size=32, finetune="full"))
+    train_steps(model, steps=1)
+    expected = model.score(IMAGES, PROMPTS).mu
+    packaged = package_checkpoint(model.save_pretrained(tmp_path / "ckpt"), tmp_path / "shipped")
+    shutil.rmtree(base)  # the package must not need the folder it was trained on
+    monkeypatch.chdir(tmp_path / "ckpt")  # nor the working directory
+    assert json.loads((packaged / CONFIG_FILE).read_text())["config"]["base_model"] == "base"
+    loaded = SpatialScore.from_pretrained(packaged)
+    assert torch.equal(loaded.score(IMAGES, PROMPTS).mu, expected)
+
+
+def test_packaging_needs_a_local_base_model(make_model, tmp_path):
+    folder = make_model().save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((folder / CONFIG_FILE).read_text())
+    saved["config"]["base_model"] = "Qwen/Qwen2.5-VL-7B-Instruct"
+    (folder / CONFIG_FILE).write_text(json.dumps(saved))
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        package_checkpoint(folder, tmp_path / "shipped")
