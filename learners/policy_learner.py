@@ -21,6 +21,7 @@ import torch.distributed as dist
 from spatialrl import storage
 from spatialrl.actors.placement import in_bundle, release, reserve
 from spatialrl.config import PolicyModelConfig, TrainConfig
+from spatialrl.deepspeed_checkpoints import load_weights_only
 from spatialrl.flux.loading import load_flux_transformer
 from spatialrl.flux.lora import add_lora, lora_checksum, lora_state_dict, save_lora
 from spatialrl.flux.sampler import Trajectory
@@ -144,6 +145,7 @@ class PolicyLearner:
             model=transformer, optimizer=optimizer,
             config=deepspeed_config(cfg, bf16=model_cfg.dtype == "bfloat16"),
         )
+        load_weights_only(self.engine)  # a planted pickle must not run on resume
         self.optimization = DeepSpeedOptimization(self.engine)
 
     def update(

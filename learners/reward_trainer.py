@@ -34,12 +34,14 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.experimental import tqdm_ray
 from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from spatialrl import storage
-from spatialrl.config import ConfigError, flatten
+from spatialrl.config import ConfigError
 from spatialrl.data.pairs import PairReadResult, iter_pairs
+from spatialrl.deepspeed_checkpoints import load_weights_only
 from spatialrl.reward.evaluation import accuracy_summary, score_pairs
 from spatialrl.reward.model import SpatialScore, checkpoint_folder, read_checkpoint_config
 from spatialrl.reward.train_config import RewardTrainConfig
@@ -51,7 +53,7 @@ from spatialrl.reward.training import (
     pair_loss,
     step_seed,
 )
-from spatialrl.tracking import Tracker
+from spatialrl.tracking import Tracker, run_name
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,9 @@ def train_reward_model(cfg: RewardTrainConfig, resume: bool = False) -> RewardTr
                 f"output_dir {cfg.output_dir} already holds a run: continue it with --resume "
                 "or choose another output_dir"
             )
-        tracker = Tracker(cfg.mlflow, tags={"kind": "spatialscore"})
-        tracker.log_params(flatten(cfg))
+        tracker = Tracker(cfg.mlflow, tags={"kind": "spatialscore"},
+                          name=run_name("spatialscore", cfg.model.base_model))
+        tracker.log_config(cfg)
         storage.write_bytes(run_file, json.dumps({"run_id": tracker.run_id}).encode())
     with tracker:
         if not ray.is_initialized():
@@ -210,7 +213,9 @@ def train_worker(loop_config: dict) -> None:
     cfg = RewardTrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    tracker = Tracker(cfg.mlflow, run_id=loop_config["mlflow_run_id"]) if rank == 0 else None
+    # The driver's tracker samples system metrics; this one only logs rank 0's numbers.
+    tracker = Tracker(cfg.mlflow, run_id=loop_config["mlflow_run_id"], system_metrics=False
+                      ) if rank == 0 else None
 
     torch.manual_seed(cfg.seed)  # every rank builds the same initial adapter and head
     model = SpatialScore.from_config(cfg.model)
@@ -223,6 +228,7 @@ def train_worker(loop_config: dict) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world_size),
     )
+    load_weights_only(engine)  # a planted pickle must not run on --resume
     steps_done = _restore(engine, world_size)
 
     train = load_pairs(cfg.data.train, "train", rank, world_size)
@@ -237,6 +243,11 @@ def train_worker(loop_config: dict) -> None:
     last_step = min(cfg.optim.steps, cfg.stop_after or cfg.optim.steps)
     checkpoint_every = cfg.checkpoint_every or cfg.optim.steps
     eval_every = cfg.eval_every or cfg.optim.steps
+    # Ray's progress bar: drawn by the driver, with steps, total and ETA.
+    progress = None
+    if tracker:
+        progress = tqdm_ray.tqdm(desc="reward train", total=last_step, unit="step")
+        progress.update(steps_done)
     engine.train()
     while steps_done < last_step:
         batch = batch_at(train.pairs, cfg.optim.batch_size, cfg.seed, steps_done)
@@ -246,9 +257,14 @@ def train_worker(loop_config: dict) -> None:
             metrics.update(evaluate(engine.module, test, cfg.eval_batch_size, world_size))
         if tracker and (steps_done % cfg.log_every == 0 or "eval/accuracy" in metrics):
             tracker.log_metrics(metrics, step=steps_done)
+            print(step_line(steps_done, last_step, metrics), flush=True)
+        if progress:
+            progress.update()
         if steps_done % checkpoint_every == 0 or steps_done == last_step:
             _save_checkpoint(engine, steps_done, world_size, loop_config["mlflow_run_id"],
                              tracker if steps_done == cfg.optim.steps else None)
+    if progress:
+        progress.close()
 
 
 def _train_step(
@@ -280,6 +296,13 @@ def _train_step(
         "train/pairs_per_s": cfg.optim.batch_size * world_size / seconds,
         "train/step_s": seconds,
     }
+
+
+def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    """The line rank 0 prints every log_every steps (and at each evaluation)."""
+    shown = ("train/loss", "train/accuracy", "train/lr", "eval/accuracy")
+    return f"step {step}/{total}: " + " ".join(
+        f"{key}={metrics[key]:.4g}" for key in shown if key in metrics)
 
 
 def evaluate(

@@ -54,14 +54,16 @@ from ray.exceptions import (
     RayActorError,
     RayError,
 )
+from ray.experimental import tqdm_ray
 from ray.serve.handle import DeploymentHandle
 from ray.util.placement_group import remove_placement_group
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from spatialrl import storage
 from spatialrl.actors.placement import in_bundle, reserve
 from spatialrl.actors.reward import score_groups, start_reward_deployment, stop_reward_deployment
 from spatialrl.actors.rollout import RolloutActor, unpack_group
-from spatialrl.config import ConfigError, TrainConfig, flatten
+from spatialrl.config import ConfigError, TrainConfig
 from spatialrl.evaluation import eval_metrics
 from spatialrl.learners.policy_learner import LearnerGroup
 from spatialrl.placement import check_cluster_fits, role_bundles
@@ -69,15 +71,14 @@ from spatialrl.prompts import PromptSource, eval_prompts
 from spatialrl.rewards import RewardOutput
 from spatialrl.run_state import (
     RunState,
-    checkpoint_dir,
     checkpoint_name,
     latest_checkpoint,
-    load_run_state,
+    new_checkpoint_dir,
     prepare_output_dir,
     save_run_state,
 )
 from spatialrl.staleness import dispatch_horizon, split_by_staleness, staleness
-from spatialrl.tracking import Tracker, image_grid
+from spatialrl.tracking import Tracker, check_tracking_uri, run_name
 from spatialrl.train_batch import ScoredGroup, build_train_batch, ledger_row, write_ledger
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,10 @@ RESTART_POLL_MAX_S = 5.0  # longest wait between reload attempts while an actor 
 # After a learner call failed: a rank that does not answer a no-op within this long is taken
 # for lost (dead, or stuck in a collective with a dead peer).
 LEARNER_PING_S = 10.0
+# Logged from iteration 0, so that their charts exist before the first fault or drop.
+COUNTERS = ("faults/rollout_actor_failures", "faults/redone_groups", "faults/reward_retries",
+            "faults/learner_restarts", "faults/redone_iterations", "staleness/dropped_groups",
+            "filter/dropped_nonfinite_groups", "filter/skipped_updates")
 
 
 class LearnerLost(Exception):
@@ -99,7 +104,7 @@ class IterationRollouts:
     iteration: int
     groups: list[ScoredGroup]
     rollout_s: float  # dispatch -> last group sampled (wall)
-    rollout_compute_s: float  # actor seconds spent sampling
+    rollout_compute_s: float  # sampling seconds summed over the actors (see time/rollout_compute_s)
     reward_s: float  # first scoring request -> last answer (wall)
 
 
@@ -162,7 +167,8 @@ def verify_load(index: int, published: Published, answer: dict) -> float:
 
 
 class RayTrainer:
-    def __init__(self, cfg: TrainConfig, tracker: Tracker, resume_from: str | None = None):
+    def __init__(self, cfg: TrainConfig, tracker: Tracker,
+                 resume_from: tuple[str, RunState] | None = None):
         self.cfg = cfg
         self.tracker = tracker
         # A path or URI, before any actor; checked again here for callers other than train_on_ray.
@@ -170,7 +176,7 @@ class RayTrainer:
         self.prompts = PromptSource(cfg.prompts.source, cfg.seed)
         self.eval_prompts = eval_prompts(
             cfg.prompts.eval_source, cfg.prompts.num_eval_prompts, cfg.seed)
-        self.counters: Counter = Counter()
+        self.counters = Counter(dict.fromkeys(COUNTERS, 0.0))
         self.start_iteration = 0
         if not cfg.cluster.wait_for_autoscaler:
             check_cluster_fits(cfg, ray.cluster_resources())
@@ -187,21 +193,21 @@ class RayTrainer:
                 self.learners.open_weight_group(self.fleet.actors)
             self.reward = start_reward_deployment(cfg)
             if resume_from is not None:
-                self._restore(resume_from)
+                self._restore(*resume_from)
         except BaseException:
             self.shutdown()
             raise
 
-    def _restore(self, folder: str) -> None:
-        state = self._load_checkpoint(folder)
+    def _restore(self, folder: str, state: RunState) -> None:
+        self._load_checkpoint(folder, state)
         self.start_iteration = state.next_iteration
         self.counters.update(state.counters)
         log.info("resumed from %s at iteration %d, version %d", folder, state.next_iteration,
                  state.version)
 
-    def _load_checkpoint(self, folder: str) -> RunState:
-        """Load a checkpoint into the learners after checking that it belongs to this run."""
-        state = load_run_state(folder)
+    def _load_checkpoint(self, folder: str, state: RunState) -> None:
+        """Load a checkpoint (its files verified by latest_checkpoint) into the learners after
+        checking that it belongs to this run."""
         per_iteration = self.cfg.prompts.prompts_per_iteration
         if state.prompt_cursor != state.next_iteration * per_iteration:
             raise ConfigError(
@@ -215,7 +221,6 @@ class RayTrainer:
         if self.learners.version != state.version:
             raise RuntimeError(f"{folder}: learner at version {self.learners.version}, "
                                f"run state at {state.version}")
-        return state
 
     # --- weights -------------------------------------------------------------------------
 
@@ -400,13 +405,12 @@ class RayTrainer:
         (scores,) = await asyncio.to_thread(
             score_groups, self.reward, [(self.eval_prompts, list(pixels))])
         shapes = self.cfg.prompts.eval_source == "shapes"
-        self.tracker.log_image(image_grid(images, columns=8),
-                               f"eval/iteration-{iteration:06d}.png")
+        self.tracker.log_eval_images(images, self.eval_prompts, scores.mu.tolist(), iteration)
         return eval_metrics(images, self.eval_prompts, RewardOutput(scores.mu, scores.sigma),
                             shapes)
 
     def _checkpoint(self, iteration: int) -> str:
-        folder = checkpoint_dir(self.output_dir, iteration)
+        folder = new_checkpoint_dir(self.output_dir, iteration)
         self.learners.save_checkpoint(storage.join(folder, "learner"))  # every rank's files
         save_run_state(folder, RunState(  # last: the checkpoint is complete
             next_iteration=iteration + 1, version=self.learners.version,
@@ -425,12 +429,15 @@ class RayTrainer:
         # Reward calls, the learner and checkpoints wait in threads; the default pool (cores
         # + 4) would cap the groups being scored at once.
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64))
-        self.tracker.log_params(flatten(cfg))
+        self.tracker.log_config(cfg)
         await self._sync_weights()  # version 0 (or the resumed one) verified
         in_flight: dict[int, asyncio.Task] = {}
         history = []
         self.last_done = time.perf_counter()
         iteration = self.start_iteration
+        # Ray's progress bar: the driver draws it and hides it while printing actors' logs.
+        progress = tqdm_ray.tqdm(desc="train", total=cfg.iterations, unit="iteration")
+        progress.update(iteration)
         try:
             while iteration < cfg.iterations:
                 try:
@@ -439,7 +446,10 @@ class RayTrainer:
                 except LearnerLost as lost:
                     iteration = await self._restart_learners(in_flight, iteration, lost)
                     del history[iteration - self.start_iteration:]
+                progress.n = iteration
+                progress.refresh()
         finally:
+            progress.close()
             for task in in_flight.values():
                 task.cancel()
         return history
@@ -451,6 +461,9 @@ class RayTrainer:
         self._dispatch(in_flight, iteration)
         wait_start = time.perf_counter()
         data = await in_flight.pop(iteration)
+        # time/rollout_s is wall time from dispatch to the last group sampled;
+        # time/rollout_compute_s is actor-seconds summed over the actors sampling in parallel,
+        # so it exceeds time/rollout_s; its ratio to it is the actors kept busy on average.
         timings = {"time/wait_s": time.perf_counter() - wait_start,
                    "time/rollout_s": data.rollout_s,
                    "time/rollout_compute_s": data.rollout_compute_s,
@@ -482,7 +495,7 @@ class RayTrainer:
         })
         self.last_done = now
         self.tracker.log_metrics(metrics, step=iteration)
-        log.info("iteration %d: %s", iteration, _summary(metrics))
+        log.info("iteration %d/%d: %s", iteration + 1, cfg.iterations, _summary(metrics))
         return metrics
 
     # --- learner faults ------------------------------------------------------------------
@@ -534,15 +547,17 @@ class RayTrainer:
         self.learners = None
         self.learners = await asyncio.to_thread(LearnerGroup, cfg)
         try:
-            folder = latest_checkpoint(self.output_dir)
+            folder, state = latest_checkpoint(self.output_dir)
         except FileNotFoundError:
-            folder = None
-        state = await asyncio.to_thread(self._load_checkpoint, folder) if folder else None
+            folder, state = None, None
+        if folder:
+            await asyncio.to_thread(self._load_checkpoint, folder, state)
         next_iteration = state.next_iteration if state else 0
         # Data counters go back to the checkpoint with the data; fault counters keep counting.
         faults = {k: v for k, v in self.counters.items() if k.startswith("faults/")}
-        self.counters = Counter({k: v for k, v in (state.counters if state else {}).items()
-                                 if not k.startswith("faults/")})
+        self.counters = Counter(dict.fromkeys(COUNTERS, 0.0))
+        self.counters.update({k: v for k, v in (state.counters if state else {}).items()
+                              if not k.startswith("faults/")})
         self.counters.update(faults)
         self.counters["faults/learner_restarts"] = restarts
         self.counters["faults/redone_iterations"] += failed_iteration - next_iteration
@@ -555,7 +570,8 @@ class RayTrainer:
     def run(self) -> list[dict[str, float]]:
         """fit() to the end, then release every actor, the reward app and placement group."""
         try:
-            return asyncio.run(self.fit())
+            with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+                return asyncio.run(self.fit())
         finally:
             self.shutdown()
 
@@ -582,11 +598,15 @@ def _summary(metrics: dict[str, float]) -> str:
 
 def train_on_ray(cfg: TrainConfig, resume: bool = False) -> str:
     """Run (or resume) a training run on the Ray cluster in reach; returns the MLflow run id."""
-    prepare_output_dir(cfg.output_dir, resume)  # a bad output_dir fails before Ray starts
+    # A bad output_dir, reward or MLflow address fails before Ray starts.
+    prepare_output_dir(cfg.output_dir, resume)
+    cfg.reward.check_ready()
+    check_tracking_uri(cfg.mlflow.tracking_uri)
     if not ray.is_initialized():
         ray.init(address=cfg.cluster.address, log_to_driver=True)
     resume_from = latest_checkpoint(cfg.output_dir) if resume else None
-    run_id = load_run_state(resume_from).mlflow_run_id if resume_from else None
-    with Tracker(cfg.mlflow, run_id=run_id, tags={"backend": "ray"}) as tracker:
+    run_id = resume_from[1].mlflow_run_id if resume_from else None
+    with Tracker(cfg.mlflow, run_id=run_id, tags={"backend": "ray"},
+                 name=run_name("grpo", cfg.model.pretrained)) as tracker:
         RayTrainer(cfg, tracker, resume_from).run()
     return tracker.run_id

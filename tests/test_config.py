@@ -65,3 +65,14 @@ def test_shipped_reward_configs_validate():
 def test_flatten_gives_dotted_keys():
     flat = flatten(TrainConfig())
     assert flat["grpo.top_k"] == 6 and flat["model.pretrained"] == "black-forest-labs/FLUX.1-dev"
+
+
+def test_exponent_numbers_without_a_dot_are_floats_in_files_and_sets(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads 1e-3 as a string, which the strict config refuses.
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 2e-4\n  weight_decay: 1E-6\n")
+    cfg = load_config(path, ["grpo.clip_range=1e-3", "grpo.kl_beta=+4e-3"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (2e-4, 1e-6)
+    assert (cfg.grpo.clip_range, cfg.grpo.kl_beta) == (1e-3, 4e-3)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(path, ["optim.lr=1e"])  # not a number: still refused, by name

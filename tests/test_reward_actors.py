@@ -40,9 +40,10 @@ def reward_config(max_batch_size: int, batch_wait_timeout_s: float, **fields) ->
 
 RULE = reward_config(8, RULE_WAIT_S, kind="shapes_rule",
                      serving={"custom_resources": {"reward_node": 0.1}})
-# A NaN weight makes every score NaN; one item per batch.
-NAN = reward_config(1, 0.0, kind="weighted",
-                    weights={"shapes_rule": 1.0, "brightness_left": float("nan")})
+# A NaN weight makes every score NaN; one item per batch. The config refuses non-finite
+# values, so the weight is set past validation.
+NAN = reward_config(1, 0.0, kind="weighted", weights={"shapes_rule": 1.0}).model_copy(
+    update={"weights": {"shapes_rule": 1.0, "brightness_left": float("nan")}})
 
 
 @pytest.fixture(scope="module")

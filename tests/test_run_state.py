@@ -3,17 +3,22 @@ object-store URI takes), and the early output_dir check."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import re
 
 import pytest
 
 from spatialrl import storage
 from spatialrl.config import ConfigError
 from spatialrl.run_state import (
+    CheckpointError,
     RunState,
     checkpoint_dir,
     latest_checkpoint,
     load_run_state,
+    new_checkpoint_dir,
     prepare_output_dir,
     save_run_state,
 )
@@ -47,9 +52,10 @@ def test_the_newest_complete_checkpoint_wins_and_incomplete_ones_are_ignored(out
     storage.write_bytes(storage.join(checkpoint_dir(output_dir, 5), "run_state.json.tmp-0"),
                         b"{")
 
-    latest = latest_checkpoint(output_dir)
+    latest, latest_state = latest_checkpoint(output_dir)
     assert latest == checkpoint_dir(output_dir, 3)
-    assert load_run_state(latest) == state(4)
+    assert latest_state == load_run_state(latest) == state(4).model_copy(update={"files": {
+        "learner/learner/mp_rank_00_model_states.pt": hashlib.sha256(b"weights").hexdigest()}})
     with pytest.raises(FileNotFoundError, match="iteration-000004"):
         load_run_state(checkpoint_dir(output_dir, 4))
 
@@ -66,7 +72,7 @@ def test_the_marker_is_replaced_whole(output_dir):
     folder = checkpoint_dir(output_dir, 2)
     save_run_state(folder, state(3))
     save_run_state(folder, state(7))
-    assert load_run_state(folder) == state(7)
+    assert load_run_state(folder) == state(7).model_copy(update={"files": {}})
     assert storage.list_files(folder) == ["run_state.json"]
 
 
@@ -125,3 +131,65 @@ def test_a_fresh_run_refuses_an_output_dir_holding_a_run_and_leaves_it_intact(
 def test_a_fresh_run_may_use_an_existing_empty_output_dir(tmp_path):
     (tmp_path / "run" / "notes").mkdir(parents=True)
     assert prepare_output_dir(tmp_path / "run") == str(tmp_path / "run")
+
+
+def complete_checkpoint(output_dir: str, iteration: int) -> str:
+    folder = new_checkpoint_dir(output_dir, iteration)
+    write_learner_files(folder)
+    save_run_state(folder, state(iteration + 1))
+    return folder
+
+
+MODEL_FILE = "learner/learner/mp_rank_00_model_states.pt"
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda f: storage.write_bytes(storage.join(f, "run_state.json"), b'{"next_iteration": 3'),
+     "run_state.json: not a valid marker (Invalid JSON: EOF"),
+    (lambda f: storage.write_bytes(storage.join(f, MODEL_FILE), b"planted"),
+     f"{MODEL_FILE}: sha256 differs from the one in run_state.json"),
+    (lambda f: storage.write_bytes(storage.join(f, "learner/learner/extra.pt"), b"x"),
+     "extra.pt: not listed in run_state.json"),
+])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_and_stays(
+        output_dir, damage, reason, caplog):
+    complete_checkpoint(output_dir, 1)
+    newest = complete_checkpoint(output_dir, 3)
+    damage(newest)
+    before = {name: storage.read_bytes(storage.join(newest, name))
+              for name in storage.list_files(newest)}
+
+    with pytest.raises(CheckpointError, match=re.escape(reason)):
+        load_run_state(newest)
+    with caplog.at_level(logging.WARNING, "spatialrl.run_state"):
+        folder, resumed = latest_checkpoint(output_dir)
+    assert (folder, resumed.next_iteration) == (checkpoint_dir(output_dir, 1), 2)
+    assert "skipping checkpoint iteration-000003" in caplog.text and reason in caplog.text
+
+    # The redone iteration 3 checkpoints beside the damaged one, which is left as it was.
+    redone = complete_checkpoint(output_dir, 3)
+    assert redone == checkpoint_dir(output_dir, 3, attempt=1)
+    assert latest_checkpoint(output_dir)[0] == redone
+    assert {name: storage.read_bytes(storage.join(newest, name))
+            for name in storage.list_files(newest)} == before
+
+
+def test_when_every_checkpoint_is_damaged_resume_stops_naming_them(output_dir):
+    folder = complete_checkpoint(output_dir, 2)
+    storage.write_bytes(storage.join(folder, MODEL_FILE), b"planted")
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*iteration-000002/"
+                                              rf"{MODEL_FILE}: sha256 differs"):
+        latest_checkpoint(output_dir)
+
+
+def test_checkpoints_are_ordered_by_iteration_then_attempt(tmp_path):
+    output_dir = str(tmp_path)
+    for iteration in (9, 9, 9, 10):
+        complete_checkpoint(output_dir, iteration)
+    for attempt in range(2, 11):  # iteration-000009.10 must sort after .2
+        folder = checkpoint_dir(output_dir, 9, attempt)
+        write_learner_files(folder)
+        save_run_state(folder, state(9 + attempt))
+    assert latest_checkpoint(output_dir)[0] == checkpoint_dir(output_dir, 10)
+    storage.write_bytes(storage.join(checkpoint_dir(output_dir, 10), "run_state.json"), b"{")
+    assert latest_checkpoint(output_dir)[0] == checkpoint_dir(output_dir, 9, 10)

@@ -141,7 +141,7 @@ def test_a_file_larger_than_the_body_limit_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"items": [{"prompt": " ", "image": {"base64": "AA=="}}]}, "prompt is empty"),
+    ({"items": [{"prompt": " ", "image": {"base64": "AA=="}}]}, "empty prompt"),
     ({"items": [{"prompt": "a", "image": {}}]}, "exactly one of 'base64' and 'url'"),
     ({"items": [{"prompt": "a", "image": {"base64": "AA==", "url": "file:///a"}}]},
      "exactly one of 'base64' and 'url'"),

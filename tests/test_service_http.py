@@ -187,6 +187,26 @@ def test_a_file_url_under_the_served_folder_scores_like_base64(client, scenes, f
     assert by_url.mu == by_bytes.mu and by_url.sigma == by_bytes.sigma
 
 
+def test_exif_orientation_and_camera_jpegs_are_scored_as_a_viewer_shows_them(client, scenes):
+    """A JPEG stored mirrored with EXIF orientation 2, and a two-frame MPO, score exactly as
+    the upright picture (the MPO's first frame) does."""
+    prompt, good, _ = scenes[4]
+    upright = png(good, "JPEG")
+    shown = np.asarray(Image.open(io.BytesIO(upright)))  # what the server decodes upright
+    exif = Image.Exif()
+    exif[0x0112] = 2  # Orientation: mirrored horizontally
+    mirrored = io.BytesIO()
+    Image.fromarray(shown[:, ::-1]).save(mirrored, "JPEG", quality=100, exif=exif)
+    camera = io.BytesIO()
+    Image.fromarray(shown).save(camera, "MPO", quality=100, save_all=True,
+                                append_images=[Image.new("RGB", good.size)])
+    expected = client.score_one(prompt, png(shown)).mu
+    raw_pixels = client.score_one(prompt, png(shown[:, ::-1])).mu
+    assert raw_pixels != expected  # the test can tell the orientations apart
+    assert client.score_one(prompt, mirrored.getvalue()).mu == pytest.approx(expected, abs=1e-3)
+    assert client.score_one(prompt, camera.getvalue()).mu == pytest.approx(expected, abs=1e-3)
+
+
 def scrape(name: str, labels: dict[str, str]) -> dict[str, float]:
     """Samples of one metric family from Ray's Prometheus endpoint, by sample name (+ le)."""
     port = ray.nodes()[0]["MetricsExportPort"]
@@ -273,11 +293,25 @@ def bad_cases(scenes, files_root) -> list[tuple]:
          score_body(prompt, {"base64": b64(png(noise[:1].repeat(11, 1)[:, :1001]))}), {},
          422, "bad_aspect_ratio", "1001x1 has an aspect ratio above 1000"),
         ("empty prompt", "/v1/score", score_body("", image), {}, 422, "invalid_request",
-         r"items\.0\.prompt: prompt is empty"),
+         r"items\.0\.prompt: empty prompt"),
         ("blank prompt", "/v1/score", score_body("  \n", image), {}, 422, "invalid_request",
-         r"items\.0\.prompt: prompt is empty"),
+         r"items\.0\.prompt: empty prompt"),
         ("prompt not text", "/v1/score", score_body(5, image), {}, 422, "invalid_request",
          r"items\.0\.prompt: Input should be a valid string"),
+        # A prompt must never plant the reward token or chat markup, nor break the tokenizer.
+        ("reward token in the prompt", "/v1/score", score_body(f"{prompt} <|Reward|>", image),
+         {}, 422, "invalid_request", r"items\.0\.prompt: holds '<\|Reward\|>': special tokens"),
+        ("chat markup in the prompt", "/v1/compare", json.dumps(
+            {"prompt": f"<|im_start|>{prompt}", "image_a": image, "image_b": image}).encode(),
+         {}, 422, "invalid_request", r"prompt: holds '<\|im_start\|>'"),
+        ("lone surrogate", "/v1/score", score_body(f"{prompt} \ud800", image), {}, 422,
+         "invalid_request", r"items\.0\.prompt: not valid Unicode text \(a lone surrogate"),
+        ("NUL byte in a file URL", "/v1/score",
+         score_body(prompt, {"url": f"{files_root.as_uri()}/good.png%00.txt"}), {}, 422,
+         "bad_url", r"items\.0\.image\.url: not a usable file path \(embedded null byte\)"),
+        ("seed beyond 64 bits", "/v1/best-of-n",
+         json.dumps({"prompt": prompt, "n": 2, "seed": 2**64 - 1}).encode(), {}, 422,
+         "invalid_request", "seed: Input should be less than or equal to 9223372036854775807"),
         ("long prompt", "/v1/score", score_body("a" * 301, image), {}, 422, "prompt_too_long",
          "301 characters, above the limit of 300"),
         ("no items", "/v1/score", b'{"items": []}', {}, 422, "invalid_request",

@@ -6,11 +6,12 @@ setting that silently does nothing.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -18,7 +19,19 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Strict: `true` is not an int nor "1" a number; floats must be finite (no .inf, .nan).
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False
+    )
+
+
+Item = TypeVar("Item")
+# A fixed-length tuple that YAML, JSON and model_dump(mode="json") write as a list; its
+# items stay strict.
+Pair = Annotated[
+    tuple[Item, Item], BeforeValidator(lambda value: tuple(value) if isinstance(value, list)
+                                       else value)
+]
 
 
 class PolicyModelConfig(Section):
@@ -60,7 +73,7 @@ class SamplingConfig(Section):
     noise_level: float = Field(0.7, ge=0)
     sde_type: Literal["flow_grpo", "cps"] = "flow_grpo"
     # Steps [start, end) use the SDE (and are trainable); the rest use the ODE. None = all.
-    sde_window: tuple[int, int] | None = None
+    sde_window: Pair[int] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SamplingConfig:
@@ -110,7 +123,7 @@ class GRPOConfig(Section):
 class OptimConfig(Section):
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Pair[float] = (0.9, 0.999)
     max_grad_norm: float = Field(1.0, gt=0)
     updates_per_iteration: int = Field(1, ge=1, description="passes over each iteration's batch")
     micro_batch_size: int = Field(4, ge=1, description="trajectories per forward/backward")
@@ -156,12 +169,28 @@ class RewardServingConfig(Section):
     custom_resources: dict[str, float] = Field(default_factory=dict)
 
 
+RewardKind = Literal["brightness_left", "shapes_rule", "shapes_soft", "spatialscore"]
+
+
 class RewardConfig(Section):
-    # "shapes_rule" | "spatialscore" | "brightness_left" | weighted sums (see spatialrl.rewards)
-    kind: str = "spatialscore"
+    # One reward, or "weighted": the sum of `weights` ({kind: weight}; see spatialrl.rewards).
+    kind: Literal[RewardKind, "weighted"] = "spatialscore"
     spatialscore_path: str | None = None
-    weights: dict[str, float] = Field(default_factory=dict)
+    weights: dict[RewardKind, float] = Field(default_factory=dict)
     serving: RewardServingConfig = Field(default_factory=RewardServingConfig)
+
+    def check_ready(self) -> None:
+        """ConfigError for what a reward needs only once it is built (so that the defaults stay
+        a valid config): a checkpoint for SpatialScore, an entry for a weighted sum. Call it
+        before starting anything."""
+        parts = self.weights if self.kind == "weighted" else [self.kind]
+        if not parts:
+            raise ConfigError("reward.weights: a weighted reward needs at least one entry")
+        if "spatialscore" in parts and not self.spatialscore_path:
+            raise ConfigError(
+                "reward.spatialscore_path: the spatialscore reward needs a checkpoint (--model "
+                "CKPT, or --set reward.spatialscore_path=PATH)"
+            )
 
 
 class MlflowConfig(Section):
@@ -245,7 +274,30 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: {name!r} is a value, not a section")
         node = child
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = _yaml(raw, f"--set {assignment}")
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.2 numbers: PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string, which
+    a strict config would then refuse as a learning rate."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str, origin: str) -> Any:
+    """Parsed YAML; a syntax error names `origin` (a file or a --set) and where in it."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or err
+        raise ConfigError(f"{origin}: not valid YAML{where}: {problem}") from None
 
 
 def validate_config(model: type[Section], tree: dict[str, Any], origin: str) -> Section:
@@ -267,7 +319,7 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _yaml(path.read_text(), f"config file {path}")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
         tree = loaded or {}

@@ -8,20 +8,56 @@ exact sequence.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+from spatialrl.errors import InputError
+
+# Chat-control markup of Qwen-style tokenizers (<|im_start|>, <|vision_start|>, <|Reward|>):
+# a tokenizer reads it inside text as the control token itself, so a prompt holding it could
+# rewrite the chat or plant the token whose hidden state the reward head reads.
+SPECIAL_TOKEN = re.compile(r"<\|\w+\|>")
+
+
+def prompt_problem(prompt: object) -> str | None:
+    """Why `prompt` cannot be a prompt, or None. Every prompt that enters (HTTP, the CLI,
+    pair files, RL prompt files) goes through this one check: prompts are plain text, never
+    markup, so special tokens are refused rather than escaped."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        return f"empty prompt {prompt!r}"
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"not valid Unicode text (a lone surrogate at character {err.start})"
+    if token := SPECIAL_TOKEN.search(prompt):
+        return f"holds {token.group()[:40]!r}: special tokens are refused, prompts are plain text"
+    return None
+
+
+def check_prompt(prompt: object, where: str) -> str:
+    """`prompt` itself, or an InputError naming `where` and the problem."""
+    if problem := prompt_problem(prompt):
+        raise InputError(f"{where}: {problem}")
+    return prompt
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:  # a bad footer raises a bare OSError
+        raise InputError(f"{path}: not a readable parquet file ({err})") from None
     if "prompt" not in table.column_names:
         raise ValueError(f"{path}: missing column 'prompt' (has {table.column_names})")
-    prompts = [p for p in table.column("prompt").to_pylist() if p and p.strip()]
+    prompts = [check_prompt(prompt, f"{path}: row {row}")
+               for row, prompt in enumerate(table.column("prompt").to_pylist())
+               if prompt and prompt.strip()]
     if not prompts:
         raise ValueError(f"{path}: no non-empty prompts")
     return prompts

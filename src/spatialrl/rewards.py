@@ -81,9 +81,8 @@ def weighted_sum(parts: dict[str, tuple[float, RewardFn]]) -> RewardFn:
 
 def build_reward(cfg: RewardConfig, device: str = "cpu") -> RewardFn:
     """`kind` names one reward, or "weighted" to combine `weights` ({kind: weight})."""
+    cfg.check_ready()
     if cfg.kind == "weighted":
-        if not cfg.weights:
-            raise ValueError("reward.weights: a weighted reward needs at least one entry")
         return weighted_sum(
             {kind: (w, _single(kind, cfg, device)) for kind, w in cfg.weights.items()}
         )
@@ -117,11 +116,4 @@ def _single(kind: str, cfg: RewardConfig, device: str) -> RewardFn:
         return shapes_rule
     if kind == "shapes_soft":
         return shapes_soft
-    if kind == "spatialscore":
-        if not cfg.spatialscore_path:
-            raise ValueError("reward.spatialscore_path: required for the spatialscore reward")
-        return spatialscore(cfg.spatialscore_path, device)
-    raise ValueError(
-        f"reward.kind: unknown reward {kind!r}; expected brightness_left, shapes_rule, "
-        "shapes_soft, spatialscore or weighted"
-    )
+    return spatialscore(cfg.spatialscore_path, device)  # the config allows no other kind

@@ -23,6 +23,7 @@ file:// included, is staged in a temporary local directory ($TMPDIR) and copied.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import tempfile
@@ -37,6 +38,7 @@ import pyarrow.fs as pafs
 # Filesystems whose rename replaces the target in one step. They are also the ones with real
 # directories, which must exist before a file is written into them (object stores have none).
 ATOMIC_RENAME = {"local", "hdfs"}
+CHUNK_BYTES = 1 << 20
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -161,6 +163,17 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         if filesystem.get_file_info(temporary).type != pafs.FileType.NotFound:
             filesystem.delete_file(temporary)
         raise
+
+
+def sha256(location: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read as a stream."""
+    filesystem, path, info = _info(location)
+    _require(info, location, pafs.FileType.File)
+    digest = hashlib.sha256()
+    with filesystem.open_input_stream(path) as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_bytes(location: str | os.PathLike) -> bytes:

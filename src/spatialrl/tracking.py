@@ -3,17 +3,37 @@ a resumed run and tests never trip over each other's state."""
 
 from __future__ import annotations
 
+import math
+import socket
 import time
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import yaml
+from diffusers.utils import make_image_grid
 from mlflow.entities import Metric, Param
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
-from PIL import Image
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.git_utils import get_git_commit
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+from PIL import Image, ImageDraw, ImageFont
+from pydantic import BaseModel
 
-from spatialrl.config import MlflowConfig
+import spatialrl
+from spatialrl.config import ConfigError, MlflowConfig, flatten
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+# Without this tag MLflow 3's UI opens an experiment on its GenAI screens (traces, evaluations).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+EVAL_IMAGE_KEY = "eval/samples"  # one captioned grid per evaluation step (the UI's slider)
+CELL_PX = 192  # eval images are scaled to this side: tiny ones readable, 512 px ones small
+CAPTION_PX = 2 * CELL_PX
+FONT_PX = 14
 
 
 def _artifact_root(tracking_uri: str) -> str | None:
@@ -24,24 +44,53 @@ def _artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+def run_name(kind: str, model: str) -> str:
+    """A readable default run name: what is trained, from which model, when."""
+    return f"{kind} {Path(model.rstrip('/')).name} {datetime.now():%Y-%m-%d %H:%M}"
+
+
+def source_tags(tags: dict | None) -> dict:
+    """MLflow's own context tags (user, entry point) and the commit of the installed
+    spatialrl source: the entry point is a console script outside the repository."""
+    resolved = resolve_tags(tags or {})
+    if commit := get_git_commit(spatialrl.__file__):
+        resolved[MLFLOW_GIT_COMMIT] = commit
+    return resolved
+
+
 class Tracker:
-    def __init__(self, cfg: MlflowConfig, run_id: str | None = None, tags: dict | None = None):
+    """One MLflow run, new or resumed (`run_id`). A new run gets a name (`cfg.run_name`, else
+    `name`) and the source tags; `system_metrics` samples this machine's CPU, memory, disk,
+    network and GPUs into it (system/...) until the run ends."""
+
+    def __init__(self, cfg: MlflowConfig, run_id: str | None = None, tags: dict | None = None,
+                 name: str | None = None, system_metrics: bool = True):
         self.client = MlflowClient(tracking_uri=cfg.tracking_uri)
+        resumed = run_id is not None
         if run_id is None:
-            experiment = self.client.get_experiment_by_name(cfg.experiment)
-            experiment_id = (
-                experiment.experiment_id
-                if experiment
-                else self.client.create_experiment(
-                    cfg.experiment, artifact_location=_artifact_root(cfg.tracking_uri)
-                )
-            )
-            run = self.client.create_run(experiment_id, run_name=cfg.run_name, tags=tags or {})
+            run = self.client.create_run(self._experiment_id(cfg), run_name=cfg.run_name or name,
+                                         tags=source_tags(tags))
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
         self.ended = False
+        self.monitor = None
+        if system_metrics:
+            self.monitor = SystemMetricsMonitor(run_id, resume_logging=resumed,
+                                                tracking_uri=cfg.tracking_uri)
+            self.monitor.start()
+
+    def _experiment_id(self, cfg: MlflowConfig) -> str:
+        experiment = self.client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            return self.client.create_experiment(
+                cfg.experiment, artifact_location=_artifact_root(cfg.tracking_uri),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # one made before the tag existed
+            self.client.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        return experiment.experiment_id
 
     def __enter__(self) -> Tracker:
         return self
@@ -53,6 +102,13 @@ class Tracker:
             self.end_by(error)
         elif not self.ended:
             self.finish()
+
+    def log_config(self, config: BaseModel) -> None:
+        """The whole config as params (searchable; a resumed run keeps its own) and as
+        config.yaml (reusable with --config)."""
+        self.log_params(flatten(config))
+        self.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+                      "config.yaml")
 
     def log_params(self, params: dict[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
@@ -70,8 +126,14 @@ class Tracker:
         for start in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
-    def log_image(self, image: Image.Image, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+    def log_eval_images(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                        rewards: Sequence[float], step: int) -> None:
+        """The evaluation's samples as one image of `step` (the UI's image slider steps
+        through them), each with its reward and prompt written beside it."""
+        captions = [f"reward {r:.3f}\n{p}" for p, r in zip(prompts, rewards, strict=True)]
+        self.client.log_image(self.run_id, captioned_grid(images, captions, columns=4),
+                              key=EVAL_IMAGE_KEY, step=step)
+        self.log_text("\n".join(prompts) + "\n", "eval/prompts.txt")  # the same at every step
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
@@ -80,6 +142,8 @@ class Tracker:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self.monitor is not None:
+            self.monitor.finish()  # flushes its last samples while the run still takes them
         self.client.set_terminated(self.run_id, status=status)
         self.ended = True
 
@@ -89,12 +153,49 @@ class Tracker:
         self.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
 
 
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Tile equally sized images row-major, for one sample grid per evaluation."""
-    width, height = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for n, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((n % columns) * width, (n // columns) * height))
-    return grid
+def captioned_grid(images: Sequence[Image.Image], captions: Sequence[str], columns: int
+                   ) -> Image.Image:
+    """Each image scaled to CELL_PX with its caption to its right, `columns` per row."""
+    cells = [_captioned(image, caption) for image, caption in zip(images, captions, strict=True)]
+    rows = math.ceil(len(cells) / columns)
+    blank = Image.new("RGB", cells[0].size, "white")
+    return make_image_grid(cells + [blank] * (rows * columns - len(cells)), rows, columns)
 
+
+def _captioned(image: Image.Image, caption: str) -> Image.Image:
+    small = image.width < CELL_PX  # tiny images: keep pixels sharp rather than blur them
+    scaled = image.convert("RGB").resize(
+        (CELL_PX, CELL_PX), Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS)
+    cell = Image.new("RGB", (CELL_PX + CAPTION_PX, CELL_PX), "white")
+    cell.paste(scaled, (0, 0))
+    font = ImageFont.load_default(size=FONT_PX)
+    lines = [line for paragraph in caption.split("\n")
+             for line in _wrap(paragraph, font, CAPTION_PX - 12)]
+    ImageDraw.Draw(cell).multiline_text((CELL_PX + 6, 4), "\n".join(lines), fill="black",
+                                        font=font)
+    return cell
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Greedy word wrap to `width` pixels."""
+    lines = [""]
+    for word in text.split():
+        joined = f"{lines[-1]} {word}".strip()
+        if font.getlength(joined) <= width or not lines[-1]:
+            lines[-1] = joined
+        else:
+            lines.append(word)
+    return lines
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """ConfigError naming mlflow.tracking_uri when its http(s) server cannot be reached
+    (MLflow's client retries for minutes before it fails); local stores need no check."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"mlflow.tracking_uri {uri}: cannot be reached ({err})") from None

@@ -15,15 +15,20 @@ DEFAULT_GPUS = {"rollout": "l40s", "reward": "l4", "learner": "a100"}  # cluster
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from spatialrl.capacity import GPU_PEAK_BF16
+
     capacity = subparsers.add_parser(
-        "capacity", help="how many rollout and reward workers keep the learner busy")
+        "capacity", help="how many rollout and reward workers keep the learner busy",
+        description="Seconds per iteration of each role, the bottleneck, and the rollout and "
+        "reward workers that keep the learner busy, from measured seconds or from FLOPs on "
+        f"the GPU types named (known: {', '.join(GPU_PEAK_BF16)}).")
     _add_config_arguments(capacity)
     capacity.add_argument(
         "--measured", type=Path, metavar="JSON",
         help="measured seconds per item (bench/stage_seconds.py output); FLOPs fill the rest")
     for role, gpu in DEFAULT_GPUS.items():
-        capacity.add_argument(f"--{role}-gpu", default=gpu,
-                              help=f"GPU type of {role} nodes (default {gpu})")
+        capacity.add_argument(f"--{role}-gpu", default=gpu, choices=list(GPU_PEAK_BF16),
+                              help=f"GPU type of {role} nodes")
     capacity.add_argument("--mfu", type=float, default=0.4,
                           help="assumed model FLOP utilisation for FLOP estimates")
     capacity.set_defaults(func=run_capacity)
@@ -64,6 +69,9 @@ def autoscaling_config(path: Path) -> dict[str, Any]:
     if "kind" in document:
         raise ConfigError(f"cluster file {path}: kind {document['kind']!r} is not a RayCluster "
                           "(a RayJob with clusterSelector runs on that RayCluster: check it)")
+    if "provider" not in document:
+        raise ConfigError(f"cluster file {path}: neither a `ray up` config (no 'provider') nor "
+                          "a KubeRay RayCluster; a training config goes with --config")
     config = prepare_config(document)
     validate_config(config)
     return config

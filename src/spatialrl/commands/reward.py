@@ -37,6 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help='lines {"prompt": ..., "image": PATH} (relative to FILE\'s folder)')
     score.set_defaults(func=run_score)
 
+    package = commands.add_parser(
+        "package", help="copy a checkpoint with its local base model into one folder that "
+                        "loads anywhere (how models/spatialscore-shapes is made)",
+    )
+    package.add_argument("--model", required=True, metavar="CKPT", help="checkpoint folder")
+    package.add_argument("--out", required=True, type=Path, metavar="DIR")
+    package.set_defaults(func=run_package)
+
 
 def _register_train(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
@@ -63,6 +71,13 @@ def run_train(args: argparse.Namespace) -> int:
     result = train_reward_model(cfg, resume=args.resume)
     print(f"mlflow run {result.mlflow_run_id}: {result.steps_done}/{cfg.optim.steps} steps; "
           f"model in {result.checkpoint}/model")
+    return 0
+
+
+def run_package(args: argparse.Namespace) -> int:
+    from spatialrl.reward.model import package_checkpoint
+
+    print(package_checkpoint(args.model, args.out))
     return 0
 
 
@@ -143,6 +158,7 @@ def _cell(group: dict) -> str:
 
 def run_score(args: argparse.Namespace) -> int:
     from spatialrl.errors import InputError
+    from spatialrl.prompts import check_prompt
 
     if args.jsonl and (args.prompt is not None or args.images):
         raise InputError("give either --jsonl or --prompt with IMAGE files, not both")
@@ -150,10 +166,8 @@ def run_score(args: argparse.Namespace) -> int:
         requests = _read_score_requests(args.jsonl)
     elif args.prompt is None or not args.images:
         raise InputError("give --prompt and at least one IMAGE, or --jsonl")
-    elif not args.prompt.strip():
-        raise InputError("--prompt: empty prompt")
     else:
-        requests = [(args.prompt, path) for path in args.images]
+        requests = [(check_prompt(args.prompt, "--prompt"), path) for path in args.images]
     images = [_open_image(path) for _, path in requests]  # every file checked before loading
 
     model = _load_spatialscore(args)
@@ -171,6 +185,7 @@ def run_score(args: argparse.Namespace) -> int:
 def _read_score_requests(path: Path) -> list[tuple[str, Path]]:
     """(prompt, image path) per line; a bad line is an error naming its line number."""
     from spatialrl.errors import InputError
+    from spatialrl.prompts import check_prompt
 
     if not path.is_file():
         raise FileNotFoundError(f"--jsonl file not found: {path}")
@@ -185,9 +200,7 @@ def _read_score_requests(path: Path) -> list[tuple[str, Path]]:
             raise InputError(f"{where}: not JSON ({err})") from None
         if not isinstance(record, dict) or not {"prompt", "image"} <= record.keys():
             raise InputError(f"{where}: needs the keys 'prompt' and 'image'")
-        prompt, image = record["prompt"], record["image"]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError(f"{where}: empty prompt {prompt!r}")
+        prompt, image = check_prompt(record["prompt"], where), record["image"]
         if not isinstance(image, str) or not image:
             raise InputError(f"{where}: 'image' must be a file path, got {image!r}")
         requests.append((prompt, path.parent / image))
@@ -200,11 +213,12 @@ def _open_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 
     from spatialrl.errors import InputError
+    from spatialrl.images import upright_rgb
 
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return upright_rgb(image)
     except (UnidentifiedImageError, OSError) as err:
         raise InputError(f"{path}: not a readable image ({err})") from None

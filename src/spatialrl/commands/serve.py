@@ -26,9 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate", help="best-of-N: sample N candidates, rank them by the reward, keep the best"
     )
     _config_arguments(generate)
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--best-of", type=_positive_int, required=True, metavar="N")
-    generate.add_argument("--seed", type=int, default=0, help="candidate i uses seed + i")
+    generate.add_argument("--prompt", required=True,
+                          help="the text to draw, e.g. 'a red circle left of a blue square'")
+    generate.add_argument("--best-of", type=_positive_int, required=True, metavar="N",
+                          help="candidates to sample; the reward ranks them and keeps the best")
+    generate.add_argument("--seed", type=_seed, default=0, help="candidate i uses seed + i")
     generate.add_argument("--pipeline", metavar="FLUX_ID_OR_PATH",
                           help="the FLUX pipeline to sample (sets generator.model.pretrained)")
     generate.add_argument("--lora", metavar="DIR", help="a save_lora folder for the pipeline")
@@ -56,6 +58,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    from spatialrl.service.api import MAX_SEED
+
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {value}")
+    return value
+
+
 def load_service_config(args: argparse.Namespace):
     from spatialrl.config import load_config
     from spatialrl.service.config import ServiceConfig, resolve_local_paths
@@ -63,6 +74,7 @@ def load_service_config(args: argparse.Namespace):
     cfg = load_config(args.config, args.overrides, model=ServiceConfig)
     if args.model:
         cfg.reward.kind, cfg.reward.spatialscore_path = "spatialscore", args.model
+    cfg.reward.check_ready()
     resolve_local_paths(cfg)
     return cfg
 
@@ -111,6 +123,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from spatialrl.config import PolicyModelConfig
     from spatialrl.errors import InputError
     from spatialrl.generation import best_of_n, build_sampler
+    from spatialrl.prompts import check_prompt
     from spatialrl.rewards import build_reward, reward_version
     from spatialrl.service.config import FluxGeneratorConfig
 
@@ -125,8 +138,7 @@ def run_generate(args: argparse.Namespace) -> int:
         cfg.generator.lora_path = args.lora
     if cfg.generator is None:
         raise InputError("give --pipeline, or a config with a generator section")
-    if not args.prompt.strip():
-        raise InputError("--prompt: empty prompt")
+    check_prompt(args.prompt, "--prompt")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     sampler = build_sampler(cfg.generator, device)

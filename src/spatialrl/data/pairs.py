@@ -12,8 +12,9 @@ Columns (PAIR_SCHEMA):
     pair_id           string   unique id
 
 Reading validates every row: a file without one of these columns is an error naming it; a
-row with an empty prompt, an undecodable image or an out-of-range value is skipped and
-counted by reason, and the counts are logged.
+row with an empty prompt, a prompt holding special tokens (spatialrl.prompts), an
+undecodable image or an out-of-range value is skipped and counted by reason, and the counts
+are logged.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from spatialrl.errors import InputError
+from spatialrl.images import upright_rgb
+from spatialrl.prompts import prompt_problem
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    with Image.open(io.BytesIO(data)) as image:
+        return upright_rgb(image)
 
 
 def write_pairs(path: str | Path, records: Iterable[PreferencePair], batch_size: int = 256) -> int:
@@ -136,7 +140,7 @@ def _open_checked(path: str | Path) -> pq.ParquetFile:
         raise FileNotFoundError(f"pairs file not found: {path}")
     try:
         file = pq.ParquetFile(path)
-    except pa.ArrowException as err:
+    except (pa.ArrowException, OSError) as err:  # a bad footer raises a bare OSError
         raise PairFileError(f"{path}: not a readable parquet file ({err})") from err
     present = set(file.schema_arrow.names)
     for column in PAIR_SCHEMA.names:
@@ -150,6 +154,9 @@ def _row_problem(row: dict) -> str | None:
     for column in ("prompt", "perturbed_prompt", "source", "pair_id"):
         if not (row[column] or "").strip():
             return f"empty_{column}"
+    for column in ("prompt", "perturbed_prompt"):
+        if prompt_problem(row[column]):  # special tokens, broken Unicode
+            return f"bad_{column}"
     for column in ("image_preferred", "image_rejected"):
         if not _is_image(row[column]):
             return f"corrupt_{column}"

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, BatchFeature
 
+from spatialrl.prompts import check_prompt
 from spatialrl.reward.config import PROMPT_FIELD, SpatialScoreConfig
 
 REWARD_TOKEN = "<|Reward|>"
@@ -100,8 +101,8 @@ class QwenVLChatEncoder:
                     size = f"{image.width}x{image.height}"
                     raise ValueError(f"{name}[{index}]: zero-size image ({size})")
         for index, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"prompts[{index}]: empty prompt {prompt!r}")
+            check_prompt(prompt, f"prompts[{index}]")
+            # The pattern check above misses special tokens of another form, if any.
             if found := [token for token in self.special_tokens if token in prompt]:
                 raise ValueError(f"prompts[{index}]: contains special tokens {found}")
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from spatialrl.config import MlflowConfig, Section
+from spatialrl.config import MlflowConfig, Pair, Section
 from spatialrl.reward.config import SpatialScoreConfig
 
 
@@ -22,7 +22,7 @@ class RewardDataConfig(Section):
 class RewardOptimConfig(Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Pair[float] = (0.9, 0.999)
     steps: int = Field(1000, ge=1, description="optimizer steps in total")
     batch_size: int = Field(8, ge=1, description="pairs per step on each worker")
     # Pairs per forward/backward; batch_size / micro_batch_size of them are accumulated.

@@ -21,9 +21,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from spatialrl.images import upright_rgb
+from spatialrl.prompts import prompt_problem
 from spatialrl.service.config import LimitsConfig
 
-IMAGE_FORMATS = ("PNG", "JPEG")
+# MPO is how PIL names a multi-frame camera JPEG; its first frame is the picture.
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
+# Candidate i is sampled with seed + i; torch.Generator.manual_seed takes at most 64 bits.
+MAX_SEED = 2**63 - 1
 
 
 class RequestError(Exception):
@@ -57,13 +62,16 @@ class ImageRef(ApiModel):
 
 
 class Prompted(ApiModel):
-    prompt: str = Field(description="the text the image is judged against; not empty")
+    prompt: str = Field(
+        description="the text the image is judged against: plain text, not empty, without "
+        "special tokens such as <|im_start|>"
+    )
 
     @field_validator("prompt")
     @classmethod
-    def _not_empty(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt is empty")
+    def _plain_text(cls, prompt: str) -> str:
+        if problem := prompt_problem(prompt):
+            raise ValueError(problem)
         return prompt
 
 
@@ -104,7 +112,7 @@ class CompareResponse(ApiModel):
 
 class BestOfNRequest(Prompted):
     n: int = Field(ge=1, description="candidates to sample (at most the server's max_best_of)")
-    seed: int = Field(0, ge=0, description="candidate i is sampled with seed + i")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="candidate i is sampled with seed + i")
     return_all_images: bool = False
 
 
@@ -159,7 +167,7 @@ def decode_image(
                     422, "not_an_image", f"{where}: a {image.format} image; send PNG or JPEG"
                 )
             _check_size(image.size, where, limits)
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(upright_rgb(image))
     except Image.DecompressionBombError as err:  # sizes far above any sane limit
         raise RequestError(413, "image_too_large", f"{where}: {err}") from None
     except UnidentifiedImageError:
@@ -180,13 +188,19 @@ def _image_bytes(
                 "bytes in standard base64 without a data: prefix",
             ) from None
     path = _local_file(ref.url, f"{where}.url", local_files_root)
-    if path.stat().st_size > limits.max_body_bytes:
+    try:
+        size = path.stat().st_size
+        if size > limits.max_body_bytes:
+            raise RequestError(
+                413, "image_too_large",
+                f"{where}.url: the file has {size} bytes, above the limit of "
+                f"{limits.max_body_bytes}",
+            )
+        return path.read_bytes()
+    except OSError as err:  # no read permission, removed meanwhile
         raise RequestError(
-            413, "image_too_large",
-            f"{where}.url: the file has {path.stat().st_size} bytes, above the limit of "
-            f"{limits.max_body_bytes}",
-        )
-    return path.read_bytes()
+            422, "file_unreadable", f"{where}.url: cannot read the file ({_reason(err)})"
+        ) from None
 
 
 def _local_file(url: str, where: str, local_files_root: str | None) -> Path:
@@ -201,15 +215,26 @@ def _local_file(url: str, where: str, local_files_root: str | None) -> Path:
         raise RequestError(
             422, "bad_url", f"{where}: only file:// URLs of this machine are accepted"
         )
-    root = Path(local_files_root).resolve()
-    path = Path(unquote(parsed.path)).resolve()
-    if not path.is_relative_to(root):
+    try:
+        path = Path(unquote(parsed.path)).resolve()
+        inside = path.is_relative_to(Path(local_files_root).resolve())
+        found = inside and path.is_file()
+    except (OSError, ValueError) as err:  # a NUL byte, a name too long for the filesystem
+        raise RequestError(
+            422, "bad_url", f"{where}: not a usable file path ({_reason(err)})"
+        ) from None
+    if not inside:
         raise RequestError(
             403, "outside_local_files_root", f"{where}: the file is outside the served folder"
         )
-    if not path.is_file():
+    if not found:
         raise RequestError(422, "file_not_found", f"{where}: no such file")
     return path
+
+
+def _reason(err: Exception) -> str:
+    """The error without the path an OSError carries (the message never echoes input)."""
+    return getattr(err, "strerror", None) or str(err)
 
 
 def _check_size(size: tuple[int, int], where: str, limits: LimitsConfig) -> None:
