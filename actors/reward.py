@@ -12,7 +12,6 @@ service (spatialrl.actors.service) binds reward_application as its child deploym
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +22,13 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from spatialrl.config import RewardConfig, TrainConfig
 from spatialrl.rewards import build_reward, reward_version
@@ -165,34 +171,32 @@ def score_groups(
     errors are raised at once, not retried.
     """
     requests = [list(zip(prompts, images, strict=True)) for prompts, images in groups]
-    attempts = [0] * len(requests)
-    answers: dict[int, dict] = {}
-    pending = {i: handle.score.remote(items) for i, items in enumerate(requests)}
-    while pending:
-        failed = []
-        for i, response in pending.items():
-            try:
-                answers[i] = response.result()
-            except RETRYABLE_ERRORS as error:
-                if attempts[i] == retries:
-                    raise RuntimeError(
-                        f"reward group {i}: no replica answered after {retries} retries"
-                    ) from error
-                failed.append(i)
-        if failed:
-            time.sleep(backoff_s * 2 ** max(attempts[i] for i in failed))
-        for i in failed:
-            attempts[i] += 1
-        pending = {i: handle.score.remote(requests[i]) for i in failed}
-    return [
-        GroupScore(
-            mu=torch.tensor(answers[i]["mu"], dtype=torch.float32),
-            sigma=torch.tensor(answers[i]["sigma"], dtype=torch.float32),
-            batch_sizes=answers[i]["batch_sizes"],
-            retries=attempts[i],
-        )
-        for i in range(len(requests))
-    ]
+    first = [handle.score.remote(items) for items in requests]
+    return [_answer(handle, index, items, response, retries, backoff_s)
+            for index, (items, response) in enumerate(zip(requests, first, strict=True))]
+
+
+def _answer(handle: DeploymentHandle, index: int, items: list, response, retries: int,
+            backoff_s: float) -> GroupScore:
+    """The group's first response, or that of a repeat after a retryable error."""
+    retrying = Retrying(retry=retry_if_exception_type(RETRYABLE_ERRORS),
+                        stop=stop_after_attempt(retries + 1),
+                        wait=wait_exponential(multiplier=backoff_s))
+    try:
+        for attempt in retrying:
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    response = handle.score.remote(items)
+                answer = response.result()
+    except RetryError as error:
+        raise RuntimeError(f"reward group {index}: no replica answered after {retries} "
+                           "retries") from error.last_attempt.exception()
+    return GroupScore(
+        mu=torch.tensor(answer["mu"], dtype=torch.float32),
+        sigma=torch.tensor(answer["sigma"], dtype=torch.float32),
+        batch_sizes=answer["batch_sizes"],
+        retries=attempt.retry_state.attempt_number - 1,
+    )
 
 
 def score_group(

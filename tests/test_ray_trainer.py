@@ -14,7 +14,7 @@ from ray import serve
 from spatialrl import storage
 from spatialrl.config import ConfigError, load_config
 from spatialrl.flux.loading import load_flux_transformer
-from spatialrl.learners.trainer import RayTrainer, train_on_ray
+from spatialrl.learners.trainer import COUNTERS, RayTrainer, train_on_ray
 from spatialrl.run_state import checkpoint_dir, load_run_state
 from spatialrl.tracking import Tracker
 from spatialrl.train_batch import ledger_file
@@ -92,6 +92,9 @@ def test_runs_end_to_end_and_resumes_in_the_same_mlflow_run(local_ray, tiny_flux
     assert run.data.params["learner.num_workers"] == "2"
     versions = client.get_metric_history(run_id, "policy/version")
     assert [(m.step, m.value) for m in versions] == [(0, 1.0), (1, 2.0), (2, 3.0)]
+    # Every fault and drop counter has a chart from iteration 0, before any fault.
+    for counter in COUNTERS:
+        assert client.get_metric_history(run_id, counter)[0].step == 0, counter
     staleness = client.get_metric_history(run_id, "staleness/max")
     assert max(m.value for m in staleness) <= cfg.rollout.max_staleness
     # Iteration 0 trains on data its own weights sampled: the learner's log-probs are the
@@ -114,8 +117,9 @@ def test_runs_end_to_end_and_resumes_in_the_same_mlflow_run(local_ray, tiny_flux
     with storage.staged_download(storage.join(checkpoint_dir(cfg.output_dir, 2), "learner",
                                               "lora")) as lora:
         pipeline.load_lora_weights(lora)
-    artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
-    assert artifacts == {"eval/iteration-000000.png", "eval/iteration-000002.png"}
+    # One captioned eval image per evaluated iteration (eval_every=2 and the last).
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert {int(p.split("+step+")[1].split("+")[0]) for p in images} == {0, 2}
     assert client.list_artifacts(run_id, "checkpoints/iteration-000002/lora")
 
     # A newer checkpoint without its marker (a run killed while uploading) is not resumed from.

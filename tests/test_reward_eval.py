@@ -166,7 +166,7 @@ def test_eval_cli_end_to_end_with_judge(
     assert summary["judge"]["accuracy"] == pytest.approx(sum(r["correct"] for r in judged) / 6)
 
 
-def test_eval_cli_train_split_and_all(checkpoint, pairs_file, tmp_path):
+def test_eval_cli_train_split_and_all(checkpoint, pairs_file, tmp_path, capsys):
     for split, count in (("train", 2), ("all", 8)):
         out = tmp_path / split
         argv = ["reward", "eval", "--model", str(checkpoint), "--pairs", str(pairs_file),
@@ -175,6 +175,9 @@ def test_eval_cli_train_split_and_all(checkpoint, pairs_file, tmp_path):
         summary = json.loads((out / SUMMARY_FILE).read_text())
         assert summary["spatialscore"]["pairs"] == count
         assert not (out / JUDGE_FILE).exists()
+        # A progress bar over the pairs, with their total.
+        err = capsys.readouterr().err
+        assert "spatialscore: 100%" in err and f"| {count}/{count} [" in err
 
 
 def test_eval_cli_bad_pair_files(checkpoint, shapes_pairs, tmp_path, capsys):

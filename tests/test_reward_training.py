@@ -347,3 +347,12 @@ def test_config_counts_accumulation():
     assert cfg.optim.accumulation_steps == 4
     assert RewardTrainConfig.model_validate({"data": {"train": "x"}}).optim.accumulation_steps == 1
 
+
+
+def test_the_step_line_names_the_step_of_the_total_and_the_loss():
+    from spatialrl.learners.reward_trainer import step_line
+
+    metrics = {"train/loss": 0.693147, "train/accuracy": 0.5, "train/step_s": 3.0,
+               "eval/accuracy": 0.75}
+    assert step_line(40, 1000, metrics) == (
+        "step 40/1000: train/loss=0.6931 train/accuracy=0.5 eval/accuracy=0.75")

@@ -89,8 +89,16 @@ def test_cli_shapes_writes_both_splits(tmp_path, capsys):
     train, test = read_pairs(tmp_path / "train.parquet"), read_pairs(tmp_path / "test.parquet")
     assert len(train.pairs) == 3 and len(test.pairs) == 3
     assert decode_image(train.pairs[0].image_preferred).size == (64, 64)
-    out = capsys.readouterr().out
-    assert "train: 3 pairs" in out and "test: 3 pairs" in out
+    captured = capsys.readouterr()
+    assert "train: 3 pairs" in captured.out and "test: 3 pairs" in captured.out
+    # A progress bar per split, with its total (72000 pairs take minutes).
+    assert "shapes train: 100%" in captured.err and "| 3/3 [" in captured.err
+
+
+def test_cli_curriculum_shapes_show_progress(tmp_path, capsys):
+    assert _run(["data", "shapes", "--out", str(tmp_path), "--n", "4", "--task", "colour",
+                 "--test-fraction", "0.5"]) == 0
+    assert "colour test: 100%" in capsys.readouterr().err
 
 
 def test_cli_prompts_writes_prompt_file(tmp_path):

@@ -44,6 +44,11 @@ def test_two_iterations_log_metrics_ledger_and_a_loadable_lora(tmp_path, tiny_fl
                 "time/rollout_s", "eval/reward_mean", "eval/relation_accuracy"):
         assert key in run.data.metrics, key
     assert run.data.params["grpo.group_size"] == "4"
+    # One captioned eval image per evaluated iteration: the UI's image slider.
+    images = [a.path for a in MlflowClient(cfg.mlflow.tracking_uri).list_artifacts(
+        tracker.run_id, "images")]
+    for step in (0, 1):
+        assert any(f"eval~samples+step+{step}+" in path for path in images), step
 
     ledger = pq.read_table(tmp_path / "run" / "ledger" / "000001.parquet").to_pylist()
     assert len(ledger) == 8 and sum(row["kept"] for row in ledger) == 4

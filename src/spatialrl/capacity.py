@@ -57,7 +57,6 @@ from typing import Literal
 from pydantic import Field
 
 from spatialrl.config import ConfigError, Section, TrainConfig, validate_config
-from spatialrl.grpo.loss import num_train_steps
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s per GPU.
 GPU_PEAK_BF16 = {
@@ -111,6 +110,8 @@ def rollout_flops_per_image(cfg: TrainConfig) -> float:
 
 
 def learner_flops_per_sample(cfg: TrainConfig) -> float:
+    from spatialrl.grpo.loss import num_train_steps  # imports torch: not at --help
+
     s = cfg.sampling
     if sde_steps(cfg) == 0:
         raise ConfigError("sampling.noise_level: 0 leaves no SDE steps to train")

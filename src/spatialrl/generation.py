@@ -80,8 +80,10 @@ class FluxCandidates:
             weights = Path(cfg.lora_path) / LORA_WEIGHTS_FILE
             if not weights.is_file():
                 raise FileNotFoundError(f"generator.lora_path: no {weights}")
-            # use_safetensors without fallback: a folder with only a pickle fails to load.
-            self.pipeline.load_lora_weights(cfg.lora_path, use_safetensors=True)
+            # Into the transformer only (save_lora adapts nothing else; the pipeline-level
+            # loader warns that the text encoder got no keys). use_safetensors without
+            # fallback: a folder with only a pickle fails to load.
+            self.pipeline.transformer.load_lora_adapter(cfg.lora_path, use_safetensors=True)
             self.name += f"+lora@{files_checksum([weights])}"
 
     @torch.no_grad()

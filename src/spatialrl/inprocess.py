@@ -11,10 +11,12 @@ import logging
 import time
 
 import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from spatialrl import storage
-from spatialrl.config import TrainConfig, flatten
-from spatialrl.evaluation import evaluate_policy
+from spatialrl.config import TrainConfig
+from spatialrl.evaluation import eval_metrics, sample_eval_images
 from spatialrl.flux.loading import load_flux_pipeline
 from spatialrl.flux.lora import add_lora, save_lora
 from spatialrl.grpo.update import TorchOptimization, grpo_update
@@ -22,7 +24,7 @@ from spatialrl.prompts import PromptSource, eval_prompts
 from spatialrl.rewards import build_reward
 from spatialrl.rollout import sample_groups
 from spatialrl.run_state import checkpoint_dir, checkpoint_name, prepare_output_dir
-from spatialrl.tracking import Tracker, image_grid
+from spatialrl.tracking import Tracker
 from spatialrl.train_batch import build_train_batch, score_groups, write_ledger
 
 log = logging.getLogger(__name__)
@@ -90,12 +92,14 @@ class InProcessTrainer:
         metrics["policy/version"] = float(self.version)
         return metrics, batch.ledger
 
-    def evaluate(self) -> tuple[dict[str, float], list]:
-        result = evaluate_policy(
-            self.pipeline, self.eval_prompts, self.reward, self.cfg.sampling, self.cfg.seed,
-            shapes_world=self.cfg.prompts.eval_source == "shapes",
-        )
-        return result.metrics, result.images
+    def evaluate(self) -> tuple[dict[str, float], list, list[float]]:
+        """Eval metrics, the images and their rewards."""
+        cfg = self.cfg
+        images = sample_eval_images(self.pipeline, self.eval_prompts, cfg.sampling, cfg.seed)
+        scores = self.reward(images, self.eval_prompts)
+        metrics = eval_metrics(images, self.eval_prompts, scores,
+                               shapes_world=cfg.prompts.eval_source == "shapes")
+        return metrics, images, scores.mu.tolist()
 
     def save_checkpoint(self, iteration: int, tracker: Tracker | None = None) -> str:
         """The LoRA in diffusers' format under checkpoints/iteration-NNNNNN/lora, also logged to
@@ -110,26 +114,30 @@ class InProcessTrainer:
     def fit(self, tracker: Tracker | None = None) -> list[dict[str, float]]:
         cfg = self.cfg
         if tracker:
-            tracker.log_params(flatten(cfg))
+            tracker.log_config(cfg)
         history = []
-        for iteration in range(cfg.iterations):
-            metrics, ledger = self.train_iteration(iteration)
-            write_ledger(self.output_dir, iteration, ledger)
-            last = iteration == cfg.iterations - 1
-            if cfg.eval_every and (iteration % cfg.eval_every == 0 or last):
-                eval_metrics, images = self.evaluate()
-                metrics.update(eval_metrics)
-                if tracker:
-                    tracker.log_image(
-                        image_grid(images, columns=8), f"eval/iteration-{iteration:06d}.png"
-                    )
-            if (cfg.checkpoint_every and (iteration + 1) % cfg.checkpoint_every == 0) or last:
-                self.save_checkpoint(iteration, tracker)
-            log.info("iteration %d: %s", iteration, _summary(metrics))
-            if tracker:
-                tracker.log_metrics(metrics, step=iteration)
-            history.append(metrics)
+        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+            for iteration in tqdm(range(cfg.iterations), desc="train", unit="iteration"):
+                history.append(self._iteration(iteration, tracker))
         return history
+
+    def _iteration(self, iteration: int, tracker: Tracker | None) -> dict[str, float]:
+        """Train, evaluate, checkpoint and log one iteration."""
+        cfg = self.cfg
+        metrics, ledger = self.train_iteration(iteration)
+        write_ledger(self.output_dir, iteration, ledger)
+        last = iteration == cfg.iterations - 1
+        if cfg.eval_every and (iteration % cfg.eval_every == 0 or last):
+            evaluated, images, rewards = self.evaluate()
+            metrics.update(evaluated)
+            if tracker:
+                tracker.log_eval_images(images, self.eval_prompts, rewards, iteration)
+        if (cfg.checkpoint_every and (iteration + 1) % cfg.checkpoint_every == 0) or last:
+            self.save_checkpoint(iteration, tracker)
+        log.info("iteration %d/%d: %s", iteration + 1, cfg.iterations, _summary(metrics))
+        if tracker:
+            tracker.log_metrics(metrics, step=iteration)
+        return metrics
 
 
 def _summary(metrics: dict[str, float]) -> str:

@@ -16,9 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes = commands.add_parser(
         "shapes", help="preference pairs: DIR/train.parquet and DIR/test.parquet"
     )
-    shapes.add_argument("--out", required=True, type=Path, metavar="DIR")
+    shapes.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="folder for train.parquet and test.parquet")
     shapes.add_argument("--n", required=True, type=_positive_int, help="pairs in total")
-    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--seed", type=int, default=0, help="draws the scenes")
     shapes.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
     shapes.add_argument(
         "--test-fraction", type=_fraction, default=0.2,
@@ -37,11 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pairs.add_argument("--model", required=True, metavar="PIPELINE",
                        help="hub id or local folder that DiffusionPipeline.from_pretrained loads")
-    pairs.add_argument("--out", required=True, type=Path, metavar="DIR")
+    pairs.add_argument("--out", required=True, type=Path, metavar="DIR",
+                       help="folder for train.parquet and test.parquet")
     pairs.add_argument("--n", required=True, type=_positive_int, help="pairs in total")
     pairs.add_argument("--steps", type=_positive_int, default=28, help="denoising steps")
     pairs.add_argument("--size", type=_positive_int, default=512, help="image side in pixels")
-    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--seed", type=int, default=0, help="draws the prompts and the noise")
     pairs.add_argument(
         "--test-fraction", type=_fraction, default=0.2,
         help="share of pairs in the test split (held-out colour/shape combinations)",
@@ -54,10 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pairs.set_defaults(func=run_pairs)
 
     prompts = commands.add_parser("prompts", help="an RL prompt file (columns prompt, split)")
-    prompts.add_argument("--out", required=True, type=Path, metavar="FILE")
-    prompts.add_argument("--n", required=True, type=_positive_int)
-    prompts.add_argument("--split", choices=["train", "test"], default="train")
-    prompts.add_argument("--seed", type=int, default=0)
+    prompts.add_argument("--out", required=True, type=Path, metavar="FILE",
+                         help="parquet file to write (for prompts.source)")
+    prompts.add_argument("--n", required=True, type=_positive_int, help="prompts to write")
+    prompts.add_argument("--split", choices=["train", "test"], default="train",
+                         help="test: only held-out colour/shape combinations; train: none")
+    prompts.add_argument("--seed", type=int, default=0, help="draws the prompts")
     prompts.set_defaults(func=run_prompts)
 
 

@@ -43,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
 def _train_in_process(cfg) -> str:
     from spatialrl.inprocess import InProcessTrainer
     from spatialrl.run_state import prepare_output_dir
-    from spatialrl.tracking import Tracker
+    from spatialrl.tracking import Tracker, run_name
 
     prepare_output_dir(cfg.output_dir)  # a bad output_dir fails before an MLflow run opens
-    with Tracker(cfg.mlflow, tags={"backend": "inprocess"}) as tracker:
+    with Tracker(cfg.mlflow, tags={"backend": "inprocess"},
+                 name=run_name("grpo", cfg.model.pretrained)) as tracker:
         InProcessTrainer(cfg).fit(tracker)
     return tracker.run_id

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from tqdm import tqdm
 
 from spatialrl.data.grammar import COLOURS, CONVERSE, Predicate, Relation, Scene, scene_to_prompt
 from spatialrl.data.pairs import PreferencePair, png_bytes
@@ -58,6 +59,7 @@ def one_relation_pairs(n: int, split: str, seed: int, task: str, size: int = 64
     with the converse relation (the same objects, the relation reversed)."""
     rng = np.random.default_rng([seed, split == "test"])
     pairs: list[PreferencePair] = []
+    progress = tqdm(total=n, desc=f"{task} {split}", unit="pair")
     while len(pairs) < n:
         scene = sample_two_object_scene(rng, split)
         relation = scene.relations[0]
@@ -71,6 +73,8 @@ def one_relation_pairs(n: int, split: str, seed: int, task: str, size: int = 64
         except LayoutError:
             continue
         pairs.append(_one_change_pair(scene, changed, correct, wrong, task, split, len(pairs)))
+        progress.update()
+    progress.close()
     return pairs
 
 
@@ -78,6 +82,7 @@ def colour_pairs(n: int, split: str, seed: int, size: int = 64) -> list[Preferen
     """Two objects; the rejected image recolours the first to a colour the prompt lacks."""
     rng = np.random.default_rng([seed, split == "test", 1])
     pairs: list[PreferencePair] = []
+    progress = tqdm(total=n, desc=f"colour {split}", unit="pair")
     while len(pairs) < n:
         scene = sample_two_object_scene(rng, split)
         first, *rest = scene.objects
@@ -91,6 +96,8 @@ def colour_pairs(n: int, split: str, seed: int, size: int = 64) -> list[Preferen
             continue
         pairs.append(
             _one_change_pair(scene, recoloured, correct, wrong, "colour", split, len(pairs)))
+        progress.update()
+    progress.close()
     return pairs
 
 

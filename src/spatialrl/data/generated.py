@@ -44,7 +44,7 @@ class PromptPair:
 def load_generator(model: str, dtype: str = "float32", device: str = "cpu") -> DiffusionPipeline:
     """`DiffusionPipeline.from_pretrained(model)`, quiet, on `device`."""
     try:
-        pipeline = DiffusionPipeline.from_pretrained(model, torch_dtype=DTYPES[dtype])
+        pipeline = DiffusionPipeline.from_pretrained(model, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:  # no such folder, or a hub id that cannot be loaded
         raise FileNotFoundError(f"--model {model!r}: no diffusers pipeline there ({err})") from err
     pipeline.set_progress_bar_config(disable=True)

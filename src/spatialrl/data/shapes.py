@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from spatialrl.data.grammar import COLOURS, SHAPES, Scene, sample_scene, scene_to_prompt
 from spatialrl.data.pairs import SPLITS, PreferencePair, png_bytes
@@ -85,7 +86,8 @@ def build_shapes_pairs(
     1, 2 or 3 relations reversed, in equal shares), split into train and test."""
     sizes = split_sizes(n, test_fraction)
     return ShapesPairs(
-        **{split: [_build_pair(seed, split, i, size) for i in range(count)]
+        **{split: [_build_pair(seed, split, i, size)
+                   for i in tqdm(range(count), desc=f"shapes {split}", unit="pair")]
            for split, count in sizes.items()}
     )
 

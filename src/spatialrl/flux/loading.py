@@ -21,7 +21,7 @@ def load_flux_pipeline(cfg: PolicyModelConfig, device: str | torch.device = "cpu
     source = _resolve_source(cfg.pretrained)
     try:
         pipeline = FluxPipeline.from_pretrained(
-            source, revision=cfg.revision, torch_dtype=DTYPES[cfg.dtype],
+            source, revision=cfg.revision, dtype=DTYPES[cfg.dtype],
             use_safetensors=True,  # never a pickled checkpoint
         )
     except OSError as err:
@@ -49,7 +49,7 @@ def load_flux_transformer(
     to re-evaluate recorded trajectories, without text encoders or VAE."""
     transformer = FluxTransformer2DModel.from_pretrained(
         _resolve_source(cfg.pretrained), subfolder="transformer", revision=cfg.revision,
-        torch_dtype=DTYPES[cfg.dtype], use_safetensors=True,
+        dtype=DTYPES[cfg.dtype], use_safetensors=True,
     ).to(device)
     transformer.eval()
     if cfg.gradient_checkpointing:

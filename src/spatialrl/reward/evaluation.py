@@ -12,7 +12,6 @@ An output folder holds
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,14 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from spatialrl.data.pairs import PreferencePair, decode_image, read_pairs
 from spatialrl.errors import InputError
 from spatialrl.reward.judge import PairwiseJudge
 from spatialrl.reward.loss import pair_wins
 from spatialrl.reward.model import SpatialScore
-
-log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 SCORES_FILE = "spatialscore_pairs.parquet"
@@ -74,12 +72,13 @@ Record = TypeVar("Record")
 
 
 def score_pairs(
-    model: SpatialScore, pairs: Sequence[PreferencePair], batch_size: int
+    model: SpatialScore, pairs: Sequence[PreferencePair], batch_size: int,
+    progress: bool = False,
 ) -> list[ScoredPair]:
     """Both images of each pair scored against its clean prompt, batch_size pairs (2 x
-    batch_size images) per forward."""
+    batch_size images) per forward; `progress` shows a progress bar."""
     records = []
-    for batch in _batches(pairs, batch_size):
+    for batch in _batches(pairs, batch_size, "spatialscore" if progress else None):
         preferred, rejected = _decoded_images(batch)
         output = model.score(preferred + rejected, [p.prompt for p in batch] * 2)
         mu_w, mu_l = output.mu.float().cpu().chunk(2)
@@ -90,17 +89,17 @@ def score_pairs(
             pair_wins(mu_w, mu_l).tolist(), strict=True,
         ):
             records.append(ScoredPair(pair.pair_id, pair.num_perturbed, pair.source, *values))
-        log.info("scored %d/%d pairs", len(records), len(pairs))
     return records
 
 
 def judge_pairs(
-    judge: PairwiseJudge, pairs: Sequence[PreferencePair], batch_size: int
+    judge: PairwiseJudge, pairs: Sequence[PreferencePair], batch_size: int,
+    progress: bool = False,
 ) -> list[JudgedPair]:
     """Each pair judged in both image orders, batch_size pairs (2 x batch_size chats) per
-    forward."""
+    forward; `progress` shows a progress bar."""
     records = []
-    for batch in _batches(pairs, batch_size):
+    for batch in _batches(pairs, batch_size, "judge" if progress else None):
         preferred, rejected = _decoded_images(batch)
         verdict = judge.compare(preferred, rejected, [p.prompt for p in batch])
         first, second = verdict.a_shown_first.cpu(), verdict.a_shown_second.cpu()
@@ -111,7 +110,6 @@ def judge_pairs(
             pair_wins(p_preferred, 1 - p_preferred).tolist(), strict=True,
         ):
             records.append(JudgedPair(pair.pair_id, pair.num_perturbed, pair.source, *values))
-        log.info("judged %d/%d pairs", len(records), len(pairs))
     return records
 
 
@@ -159,22 +157,26 @@ def evaluate_pairs(
         "skipped_rows": sum(result.skipped.values()),
         "skipped_by_reason": result.skipped,
     }
-    scored = score_pairs(model, result.pairs, batch_size)
+    scored = score_pairs(model, result.pairs, batch_size, progress=True)
     write_records(out_dir / SCORES_FILE, scored)
     summary["spatialscore"] = {"model": model_name, **accuracy_summary(scored)}
     if judge is not None:
-        judged = judge_pairs(judge, result.pairs, batch_size)
+        judged = judge_pairs(judge, result.pairs, batch_size, progress=True)
         write_records(out_dir / JUDGE_FILE, judged)
         summary["judge"] = {"model": judge.config.model, **accuracy_summary(judged)}
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _batches(items: Sequence[Record], size: int) -> Iterator[Sequence[Record]]:
+def _batches(items: Sequence[Record], size: int, progress: str | None = None
+             ) -> Iterator[Sequence[Record]]:
+    """Consecutive batches; with `progress`, a progress bar of that name counting items."""
     if size < 1:
         raise ValueError(f"batch_size: must be at least 1, got {size}")
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+    with tqdm(total=len(items), desc=progress, unit="pair", disable=progress is None) as bar:
+        for start in range(0, len(items), size):
+            yield items[start : start + size]
+            bar.update(len(items[start : start + size]))
 
 
 def _decoded_images(

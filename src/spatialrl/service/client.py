@@ -1,4 +1,4 @@
-"""A Python client of the SpatialScore HTTP service (standard library HTTP, typed answers).
+"""A Python client of the SpatialScore HTTP service (requests, typed answers).
 
     client = SpatialScoreClient("http://127.0.0.1:8000", token=os.environ.get("TOKEN"))
     client.score([("a red circle left of a blue square", "image.png")]).scores[0].mu
@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import requests
 from PIL import Image
 from pydantic import BaseModel
 
@@ -38,7 +36,8 @@ Answer = TypeVar("Answer", bound=BaseModel)
 
 
 class ServiceError(Exception):
-    """The service refused a request: HTTP status, its reason tag and message."""
+    """The service refused a request: HTTP status, its reason tag and message. (A service
+    that cannot be reached raises requests' ConnectionError, an OSError.)"""
 
     def __init__(self, status: int, error: str, message: str):
         super().__init__(f"HTTP {status} {error}: {message}")
@@ -78,29 +77,24 @@ class SpatialScoreClient:
         return self._request("GET", "/readyz")
 
     def _post(self, path: str, body: dict, answer: type[Answer]) -> Answer:
-        return answer.model_validate(self._request("POST", path, json.dumps(body).encode()))
+        return answer.model_validate(self._request("POST", path, body))
 
-    def _request(self, method: str, path: str, data: bytes | None = None) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.token is not None:
-            headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(
-            self.base_url + path, data=data, method=method, headers=headers
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as err:
-            raise _service_error(err) from None
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        headers = {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
+        response = requests.request(method, self.base_url + path, json=body, headers=headers,
+                                    timeout=self.timeout_s)
+        if not response.ok:
+            raise _service_error(response)
+        return response.json()
 
 
-def _service_error(err: urllib.error.HTTPError) -> ServiceError:
-    text = err.read().decode(errors="replace")
+def _service_error(response: requests.Response) -> ServiceError:
     try:
-        problem = json.loads(text)
-        return ServiceError(err.code, problem["error"], problem["message"])
+        problem = response.json()
+        return ServiceError(response.status_code, problem["error"], problem["message"])
     except (ValueError, KeyError, TypeError):  # not the service's own answer (e.g. a proxy)
-        return ServiceError(err.code, "http_error", text[:500] or str(err.reason))
+        return ServiceError(response.status_code, "http_error",
+                            response.text[:500] or response.reason)
 
 
 def image_ref(image: ImageInput) -> dict:
