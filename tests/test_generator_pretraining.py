@@ -9,10 +9,10 @@ import torch
 from diffusers import FluxPipeline
 
 from spatialrl.cli import main
-from spatialrl.config import PolicyModelConfig
+from spatialrl.config import GeneratorPretraining, PolicyModelConfig
 from spatialrl.data.shapes import HELD_OUT_COMBOS
 from spatialrl.flux.loading import load_flux_pipeline
-from spatialrl.flux.pretraining import PROMPTS_FILE, GeneratorPretraining, pretrain_generator
+from spatialrl.flux.pretraining import PROMPTS_FILE, pretrain_generator
 
 SMALL = dict(num_renders=32, vae_steps=2, vae_batch_size=4, batch_size=4,
              checkpoint_every=2, log_every=2)

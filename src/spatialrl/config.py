@@ -7,6 +7,7 @@ setting that silently does nothing.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -338,3 +339,28 @@ def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+@dataclass(frozen=True)
+class GeneratorPretraining:
+    """Settings of `spatialrl pretrain generator` (the shipped model card lists them)."""
+
+    seed: int = 0
+    image_size: int = 64
+    num_renders: int = 50_000
+    vae_steps: int = 1000
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    # FluxPipeline pads every prompt to this many T5 tokens; 40 holds the longest
+    # shapes-world prompt (35), so none is cut.
+    max_sequence_length: int = 40
+    # Guidance values drawn in training: any guidance_scale in this range samples alike.
+    guidance_range: tuple[float, float] = (1.0, 5.0)
+    checkpoint_every: int = 250
+    log_every: int = 50

@@ -3,8 +3,6 @@ and, for shapes-world prompts, by the rule evaluator that reads relations from p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from PIL import Image
 
@@ -12,14 +10,8 @@ from spatialrl.config import SamplingConfig
 from spatialrl.data.evaluate import evaluate
 from spatialrl.data.grammar import CONVERSE, Relation, Scene, parse_prompt, scene_to_prompt
 from spatialrl.flux.sampler import sample
-from spatialrl.rewards import RewardFn, RewardOutput, shapes_rule, shapes_soft
+from spatialrl.rewards import RewardOutput, shapes_rule, shapes_soft
 from spatialrl.rollout import rollout_seed
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, float]
-    images: list[Image.Image]
 
 
 def sample_eval_images(
@@ -49,14 +41,6 @@ def eval_metrics(
         metrics["eval/all_relations_correct"] = float((accuracy == 1.0).float().mean())
         metrics["eval/soft_relation_score"] = float(shapes_soft(images, prompts).mu.mean())
     return metrics
-
-
-def evaluate_policy(
-    pipeline, prompts: list[str], reward: RewardFn, cfg: SamplingConfig, seed: int,
-    shapes_world: bool,
-) -> EvalResult:
-    images = sample_eval_images(pipeline, prompts, cfg, seed)
-    return EvalResult(eval_metrics(images, prompts, reward(images, prompts), shapes_world), images)
 
 
 def reversed_prompt(prompt: str) -> str:

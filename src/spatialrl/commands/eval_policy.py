@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     figures = {"base": rule_figures(sample_eval_images(pipeline, prompts, sampling, args.seed),
                                     prompts)}
     if args.lora is not None:
-        pipeline.load_lora_weights(args.lora, use_safetensors=True)
+        pipeline.transformer.load_lora_adapter(args.lora, use_safetensors=True)
         figures["lora"] = rule_figures(
             sample_eval_images(pipeline, prompts, sampling, args.seed), prompts
         )

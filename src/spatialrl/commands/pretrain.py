@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from spatialrl.flux.pretraining import GeneratorPretraining
+    from spatialrl.config import GeneratorPretraining
 
     parser = subparsers.add_parser(
         "pretrain", help="train a base model of the shapes world",
@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from spatialrl.flux.pretraining import GeneratorPretraining, pretrain_generator
+    from spatialrl.config import GeneratorPretraining
+    from spatialrl.flux.pretraining import pretrain_generator
 
     if args.threads:
         torch.set_num_threads(args.threads)

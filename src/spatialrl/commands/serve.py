@@ -74,7 +74,6 @@ def load_service_config(args: argparse.Namespace):
     cfg = load_config(args.config, args.overrides, model=ServiceConfig)
     if args.model:
         cfg.reward.kind, cfg.reward.spatialscore_path = "spatialscore", args.model
-    cfg.reward.check_ready()
     resolve_local_paths(cfg)
     return cfg
 
@@ -87,6 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from spatialrl.service.config import LOOPBACK_HOSTS
 
     cfg = load_service_config(args)
+    cfg.reward.check_ready()
     cfg.host = args.host or cfg.host
     cfg.port = args.port or cfg.port
     if auth_token(cfg) is None and cfg.host not in LOOPBACK_HOSTS:
@@ -139,6 +139,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if cfg.generator is None:
         raise InputError("give --pipeline, or a config with a generator section")
     check_prompt(args.prompt, "--prompt")
+    cfg.reward.check_ready()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     sampler = build_sampler(cfg.generator, device)

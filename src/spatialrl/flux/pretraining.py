@@ -32,6 +32,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
+from spatialrl.config import GeneratorPretraining
 from spatialrl.data.grammar import scene_to_prompt
 from spatialrl.data.render import LayoutError, render
 from spatialrl.data.shapes import sample_split_scene
@@ -51,33 +52,8 @@ PROGRESS_FILE = "progress.json"
 TRAINED_PARTS = ("transformer", "text_encoder", "text_encoder_2")
 
 
-@dataclass(frozen=True)
-class GeneratorPretraining:
-    """Settings of `spatialrl pretrain generator` (the shipped model card lists them)."""
-
-    seed: int = 0
-    image_size: int = 64
-    num_renders: int = 50_000
-    vae_steps: int = 1000
-    vae_batch_size: int = 16
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 200
-    ema_decay: float = 0.999
-    # FluxPipeline pads every prompt to this many T5 tokens; 40 holds the longest
-    # shapes-world prompt (35), so none is cut.
-    max_sequence_length: int = 40
-    # Guidance values drawn in training: any guidance_scale in this range samples alike.
-    guidance_range: tuple[float, float] = (1.0, 5.0)
-    checkpoint_every: int = 250
-    log_every: int = 50
-
-
 def pretrain_generator(
-    out_dir: Path, work_dir: Path, settings: GeneratorPretraining = GeneratorPretraining()
+    out_dir: Path, work_dir: Path, settings: GeneratorPretraining
 ) -> Path:
     """Build the base generator into `out_dir` (a FluxPipeline folder), staging in `work_dir`.
 
