@@ -31,7 +31,7 @@ from tenacity import (
 )
 
 from spatialrl.config import RewardConfig, TrainConfig
-from spatialrl.rewards import build_reward, reward_version
+from spatialrl.rewards import build_reward, reward_input_pixels, reward_version
 
 APP_NAME = "spatialrl-reward"
 
@@ -73,12 +73,18 @@ class RewardDeployment:
         serving = cfg.serving
         self._reward = build_reward(cfg, "cuda" if serving.gpus_per_replica > 0 else "cpu")
         self._version = reward_version(cfg)
+        self._input_pixels = reward_input_pixels(cfg)
         self._score_batch.set_max_batch_size(serving.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
 
     def version(self) -> str:
         """The reward version (spatialrl.rewards.reward_version) this replica loaded."""
         return self._version
+
+    def input_pixels(self) -> int | None:
+        """The most pixels of an image the reward reads (spatialrl.rewards.reward_input_pixels):
+        callers may downscale larger images to this before sending them."""
+        return self._input_pixels
 
     async def score(self, items: Sequence) -> dict[str, list | str]:
         """mu, sigma and batch_sizes per item, in item order, and the version. Non-finite

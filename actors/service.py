@@ -15,6 +15,15 @@ reward batch; an item the model itself fails on fails only its own request (the 
 deployment rescores its batch without it). Each request is logged in one line without prompts
 or images.
 
+Slow and heavy clients (limits.*; docs/security.md): a /v1 request holds a slot of the ingress
+from its headers to its answer. Beyond max_requests_in_flight the replica answers 503, beyond
+max_requests_per_client from one address 429, at once and before the body is read; a body that
+has not arrived within body_timeout_s gets 408. Images are checked by their headers, their
+pixels counted against max_request_pixels (413) and the replica's max_pixels_in_flight (a wait
+of pixel_wait_s, then 429), then decoded one by one and downscaled to what the reward model
+reads. Serve's proxy has no timeout for headers: a client that never finishes them holds a
+connection of the proxy, not a slot.
+
 Metrics, on Ray's Prometheus endpoint: Ray Serve's own series for the reward batches
 (ray_serve_actual_batch_size, ray_serve_batch_queue_length, ray_serve_batch_wait_time_ms) and
 for HTTP (ray_serve_num_http_requests_total by status code, ray_serve_http_request_latency_ms),
@@ -36,7 +45,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -50,6 +60,7 @@ from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from spatialrl import __version__
 from spatialrl.actors.reward import RETRYABLE_ERRORS, reward_application
@@ -57,6 +68,7 @@ from spatialrl.config import ConfigError
 from spatialrl.data.pairs import png_bytes
 from spatialrl.errors import InputError
 from spatialrl.generation import best_index, build_sampler, candidate_seeds
+from spatialrl.service.admission import Admission, PixelBudget
 from spatialrl.service.api import (
     BestOfNRequest,
     BestOfNResponse,
@@ -71,8 +83,10 @@ from spatialrl.service.api import (
     ScoreResponse,
     check_item_count,
     check_prompt,
-    decode_image,
+    check_request_pixels,
+    decode_pixels,
     probability_preferred,
+    read_image,
 )
 from spatialrl.service.config import (
     FluxGeneratorConfig,
@@ -91,7 +105,7 @@ PROTECTED_PREFIX = "/v1/"
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 READY_TIMEOUT_S = 10.0
 PROBLEMS = {status: {"model": ProblemResponse}
-            for status in (400, 401, 403, 411, 413, 415, 422, 500)}
+            for status in (400, 401, 403, 408, 411, 413, 415, 422, 429, 500, 503)}
 # Describes the bearer token in the OpenAPI document; Guard checks it before the body is read.
 BEARER = [Depends(HTTPBearer(auto_error=False))]
 
@@ -164,8 +178,8 @@ async def guard_and_record(request: Request, call_next):
     service = serve.get_replica_context().servable_object
     try:
         service.guard.check(request)
-        response = await call_next(request)
-    except RequestError as err:  # refused before the body was read
+        response = await admitted(request, call_next, service)
+    except RequestError as err:  # refused before the route ran
         response = refusal(request, err)
     except Exception:
         log.exception("%s %s failed", request.method, request.url.path)
@@ -184,9 +198,41 @@ async def guard_and_record(request: Request, call_next):
     return response
 
 
+async def admitted(request: Request, call_next, service: "SpatialScoreService"):
+    """The route's answer once the request has a slot (Admission) and its whole body has
+    arrived within limits.body_timeout_s: a slow client holds a slot for that long at most,
+    and one client's excess is refused before it takes one."""
+    if not request.url.path.startswith(PROTECTED_PREFIX):
+        return await call_next(request)  # probes stay answerable under any load
+    with service.admission.admit(request.client.host if request.client else "unknown"):
+        if request.method == "POST":
+            await read_body(request, service.limits.body_timeout_s)
+        return await call_next(request)
+
+
+async def read_body(request: Request, timeout_s: float) -> None:
+    """Read the body (Starlette keeps it for the route) or refuse the request."""
+    try:
+        await asyncio.wait_for(request.body(), timeout_s)
+    except TimeoutError:
+        raise RequestError(
+            408, "body_timeout", f"the body did not arrive within {timeout_s:g} s"
+        ) from None
+    except ClientDisconnect:
+        raise RequestError(
+            400, "client_disconnected", "the connection closed before the body arrived"
+        ) from None
+
+
+# Statuses that say "come back later", and when.
+RETRY_AFTER_S = {429: 1, 503: 1}
+
+
 def refusal(request: Request, err: RequestError) -> JSONResponse:
     request.state.outcome = err.reason
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+    if err.status in RETRY_AFTER_S:
+        headers["Retry-After"] = str(RETRY_AFTER_S[err.status])
     body = ProblemResponse(error=err.reason, message=err.message).model_dump()
     return JSONResponse(body, status_code=err.status, headers=headers)
 
@@ -244,10 +290,13 @@ class SpatialScoreService:
         token_digest: str | None,
     ):
         self._reward, self._generator = reward, generator
-        self._limits, self._local_files_root = limits, local_files_root
+        self.limits, self._local_files_root = limits, local_files_root
         # Read by the middleware through the replica context.
         self.guard = Guard(limits.max_body_bytes, token_digest)
+        self.admission = Admission(limits)
         self.metrics = ServiceMetrics()
+        self._pixels = PixelBudget(limits.max_pixels_in_flight, limits.pixel_wait_s)
+        self._reward_input_pixels: list[int | None] = []  # asked once, on first use
         self._items_in_flight = 0
 
     @app.get("/healthz")
@@ -272,21 +321,22 @@ class SpatialScoreService:
     @app.post("/v1/score", responses=PROBLEMS, dependencies=BEARER)
     async def score(self, body: ScoreRequest, request: Request) -> ScoreResponse:
         """mu and sigma of each (prompt, image) item, in order."""
-        check_item_count(len(body.items), self._limits)
+        check_item_count(len(body.items), self.limits)
         for index, item in enumerate(body.items):
-            check_prompt(item.prompt, f"items.{index}", self._limits)
-        images = await self._decode(
-            request, [(f"items.{i}.image", item.image) for i, item in enumerate(body.items)]
-        )
-        scores, version = await self._score(request, [item.prompt for item in body.items], images)
+            check_prompt(item.prompt, f"items.{index}", self.limits)
+        refs = [(f"items.{i}.image", item.image) for i, item in enumerate(body.items)]
+        async with self._decoded(request, refs) as images:
+            prompts = [item.prompt for item in body.items]
+            scores, version = await self._score(request, prompts, images)
         return ScoreResponse(model_version=version, scores=scores)
 
     @app.post("/v1/compare", responses=PROBLEMS, dependencies=BEARER)
     async def compare(self, body: CompareRequest, request: Request) -> CompareResponse:
         """Which of two images fits the prompt better."""
-        check_prompt(body.prompt, "prompt", self._limits)
-        images = await self._decode(request, [("image_a", body.image_a), ("image_b", body.image_b)])
-        (a, b), version = await self._score(request, [body.prompt] * 2, images)
+        check_prompt(body.prompt, "prompt", self.limits)
+        refs = [("image_a", body.image_a), ("image_b", body.image_b)]
+        async with self._decoded(request, refs) as images:
+            (a, b), version = await self._score(request, [body.prompt] * 2, images)
         preferred = "a" if a.mu > b.mu else "b" if b.mu > a.mu else "tie"
         return CompareResponse(
             model_version=version, a=a, b=b, preferred=preferred,
@@ -304,12 +354,12 @@ class SpatialScoreService:
             raise RequestError(
                 404, "best_of_n_disabled", "best-of-N is off: the server has no generator"
             )
-        if body.n > self._limits.max_best_of:
+        if body.n > self.limits.max_best_of:
             raise RequestError(
                 422, "too_many_candidates",
-                f"n: {body.n} candidates, above the limit of {self._limits.max_best_of}",
+                f"n: {body.n} candidates, above the limit of {self.limits.max_best_of}",
             )
-        check_prompt(body.prompt, "prompt", self._limits)
+        check_prompt(body.prompt, "prompt", self.limits)
         seeds = candidate_seeds(body.seed, body.n)
         start = time.perf_counter()
         try:
@@ -332,15 +382,30 @@ class SpatialScoreService:
             ],
         )
 
-    async def _decode(self, request: Request, refs: list[tuple[str, ImageRef]]) -> list[np.ndarray]:
+    @asynccontextmanager
+    async def _decoded(
+        self, request: Request, refs: list[tuple[str, ImageRef]]
+    ) -> AsyncIterator[list[np.ndarray]]:
+        """The request's images, decoded one by one and downscaled to what the reward reads;
+        their pixels (as sent) count against the replica's budget until the block ends."""
         start = time.perf_counter()
-        images = await asyncio.to_thread(
-            lambda: [decode_image(ref, where, self._limits, self._local_files_root)
+        encoded = await asyncio.to_thread(
+            lambda: [read_image(ref, where, self.limits, self._local_files_root)
                      for where, ref in refs]
         )
-        request.state.pixels = sum(image.shape[0] * image.shape[1] for image in images)
-        self._observe(request, "decode", start)
-        return images
+        request.state.pixels = check_request_pixels(encoded, self.limits)
+        fit_pixels = await self._input_pixels()
+        async with self._pixels.hold(request.state.pixels):
+            images = await asyncio.to_thread(
+                lambda: [decode_pixels(image, fit_pixels) for image in encoded]
+            )
+            self._observe(request, "decode", start)
+            yield images
+
+    async def _input_pixels(self) -> int | None:
+        if not self._reward_input_pixels:
+            self._reward_input_pixels.append(await self._reward.input_pixels.remote())
+        return self._reward_input_pixels[0]
 
     async def _score(
         self, request: Request, prompts: list[str], images: Sequence[np.ndarray]

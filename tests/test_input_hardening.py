@@ -28,8 +28,9 @@ from spatialrl.service.api import (
     ImageRef,
     RequestError,
     ScoreRequest,
+    decode_pixels,
+    read_image,
 )
-from spatialrl.service.api import decode_image as decode_request_image
 from spatialrl.service.config import LimitsConfig
 
 GOOD = "a red circle to the left of a blue square"
@@ -121,8 +122,8 @@ def test_exif_orientation_is_applied_on_every_image_path(tmp_path):
 
     data, shown = mirrored_jpeg()
 
-    served = decode_request_image(ImageRef(base64=base64.b64encode(data).decode()), "image",
-                                  LimitsConfig(), None)
+    served = decode_pixels(read_image(ImageRef(base64=base64.b64encode(data).decode()),
+                                      "image", LimitsConfig(), None))
     (tmp_path / "m.jpg").write_bytes(data)
     for pixels in (served, np.asarray(decode_image(data)),
                    np.asarray(_open_image(tmp_path / "m.jpg"))):
@@ -133,8 +134,8 @@ def test_a_multi_frame_camera_jpeg_scores_its_first_frame():
     first, second = Image.new("RGB", (16, 16), "white"), Image.new("RGB", (16, 16), "black")
     data = jpeg(first, format="MPO", save_all=True, append_images=[second])
     assert Image.open(io.BytesIO(data)).format == "MPO"
-    pixels = decode_request_image(ImageRef(base64=base64.b64encode(data).decode()), "image",
-                                  LimitsConfig(), None)
+    pixels = decode_pixels(read_image(ImageRef(base64=base64.b64encode(data).decode()),
+                                      "image", LimitsConfig(), None))
     assert pixels.shape == (16, 16, 3) and pixels.mean() > 240
 
 
@@ -142,8 +143,8 @@ def test_a_multi_frame_camera_jpeg_scores_its_first_frame():
 def test_a_file_url_the_filesystem_cannot_take_is_a_422(tmp_path, url):
     Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
     with pytest.raises(RequestError) as refused:
-        decode_request_image(ImageRef(url=f"{tmp_path.as_uri()}/{url}"), "items.0.image",
-                             LimitsConfig(), str(tmp_path))
+        read_image(ImageRef(url=f"{tmp_path.as_uri()}/{url}"), "items.0.image",
+                   LimitsConfig(), str(tmp_path))
     assert (refused.value.status, refused.value.reason) == (422, "bad_url")
     assert refused.value.message.startswith("items.0.image.url: not a usable file path")
     assert "x" * 100 not in refused.value.message  # the path is not echoed

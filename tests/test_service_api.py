@@ -23,8 +23,9 @@ from spatialrl.service.api import (
     ImageRef,
     RequestError,
     ScoreRequest,
-    decode_image,
+    decode_pixels,
     probability_preferred,
+    read_image,
 )
 from spatialrl.service.client import image_ref
 from spatialrl.service.config import (
@@ -46,6 +47,11 @@ def encoded(pixels: np.ndarray, fmt: str, mode: str = "RGB") -> bytes:
 
 def ref(data: bytes) -> ImageRef:
     return ImageRef(base64=base64.b64encode(data).decode())
+
+
+def decode_image(image: ImageRef, where: str, limits: LimitsConfig, root: str | None):
+    """What the ingress does with a request's image: checks from the header, then pixels."""
+    return decode_pixels(read_image(image, where, limits, root))
 
 
 def refused(call) -> RequestError:

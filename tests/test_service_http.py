@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
@@ -32,11 +33,12 @@ from spatialrl.data.render import render
 from spatialrl.errors import InputError
 from spatialrl.generation import LORA_WEIGHTS_FILE, FluxCandidates
 from spatialrl.rewards import build_reward, reward_version
-from spatialrl.service.api import ImageRef, probability_preferred
+from spatialrl.service.api import ImageRef, decode_pixels, probability_preferred, read_image
 from spatialrl.service.client import ServiceError, SpatialScoreClient
 from spatialrl.service.config import (
     FluxGeneratorConfig,
     LimitsConfig,
+    ReplicaConfig,
     ServiceConfig,
     ShapesGeneratorConfig,
 )
@@ -46,11 +48,15 @@ pytestmark = pytest.mark.ray
 TOKEN_ENV = "SPATIALRL_TEST_SERVICE_TOKEN"
 TOKEN = "test-token-5c1e"
 LIMITS = LimitsConfig(
-    max_body_bytes=1_500_000, max_items=8, max_image_pixels=96 * 96, max_prompt_chars=300,
+    max_body_bytes=1_500_000, max_items=8, max_image_pixels=128 * 128, max_prompt_chars=300,
     max_best_of=4,
     # Above Qwen2.5-VL's own limit (200), so that an image the model refuses gets through.
     max_aspect_ratio=1000,
+    # One request of 3 images of 128x128 fills the pixels in flight; 16 of 64x64 fit.
+    max_request_pixels=72 * 32 * 32, max_pixels_in_flight=72 * 32 * 32, pixel_wait_s=0.2,
+    body_timeout_s=5.0, max_requests_per_client=48, max_requests_in_flight=100,
 )
+TINY_INPUT_PIXELS = 112 * 112  # the tiny Qwen2.5-VL's image processor reads no more
 BATCH_WAIT_S = 0.5  # long enough for concurrent requests to meet in one batch
 
 
@@ -80,7 +86,7 @@ def service_config(tiny_spatialscore_path, tiny_flux_lora_path, tiny_flux_path,
                    files_root) -> ServiceConfig:
     return ServiceConfig(
         port=free_port(), auth_token_env=TOKEN_ENV, local_files_root=str(files_root),
-        limits=LIMITS,
+        limits=LIMITS, ingress=ReplicaConfig(max_ongoing_requests=160),
         reward=RewardConfig(
             kind="spatialscore", spatialscore_path=str(tiny_spatialscore_path), serving={
                 "max_batch_size": 8, "batch_wait_timeout_s": BATCH_WAIT_S,
@@ -275,7 +281,8 @@ def bad_cases(scenes, files_root) -> list[tuple]:
     """(name, path, body, raw-post options, status, error, message regex)."""
     prompt, good, _ = scenes[0]
     image = {"base64": b64(png(good))}
-    noise = np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (130, 130, 3), dtype=np.uint8)
+    flat = {"prompt": prompt, "image": {"base64": b64(png(np.zeros((128, 128, 3), np.uint8)))}}
     gif = png(good, "GIF")
     return [
         ("malformed JSON", "/v1/score", b'{"items": [', {}, 400, "bad_json", "not valid JSON"),
@@ -288,7 +295,10 @@ def bad_cases(scenes, files_root) -> list[tuple]:
         ("truncated PNG", "/v1/score", score_body(prompt, {"base64": b64(png(good)[:200])}),
          {}, 422, "not_an_image", r"items\.0\.image: unreadable image"),
         ("oversized image", "/v1/score", score_body(prompt, {"base64": b64(png(noise))}), {},
-         413, "image_too_large", "100x100 = 10000 pixels, above the limit of 9216"),
+         413, "image_too_large", "130x130 = 16900 pixels, above the limit of 16384"),
+        # Five flat images: a small body, many decoded pixels.
+        ("too many pixels", "/v1/score", json.dumps({"items": [flat] * 5}).encode(), {}, 413,
+         "too_many_pixels", "81920 pixels in all, above the limit of 73728 per request"),
         ("aspect ratio", "/v1/score",
          score_body(prompt, {"base64": b64(png(noise[:1].repeat(11, 1)[:, :1001]))}), {},
          422, "bad_aspect_ratio", "1001x1 has an aspect ratio above 1000"),
@@ -456,3 +466,91 @@ def test_a_generator_refusing_a_prompt_reaches_the_caller_as_input_error(service
         assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     finally:
         serve.delete("test-shapes-generator")
+
+
+def test_an_image_above_the_models_input_is_scored_downscaled_and_pixels_in_flight_bounded(
+        service, client, scenes, reward):
+    """A 120x120 image is scored as the ingress downscales it (to the tiny model's 112x112
+    budget); requests beyond the pixels in flight wait, then get 429 in the JSON format."""
+    prompt, good, _ = scenes[5]
+    big = good.resize((120, 120), Image.Resampling.BICUBIC)
+    sent = decode_pixels(read_image(ImageRef(base64=b64(png(big))), "x", LIMITS, None),
+                         TINY_INPUT_PIXELS)
+    assert sent.shape[0] * sent.shape[1] <= TINY_INPUT_PIXELS < 120 * 120
+    served = client.score_one(prompt, big)
+    assert served.mu == pytest.approx(reward([Image.fromarray(sent)], [prompt]).mu.item(),
+                                      abs=1e-5)
+
+    # Each request fills the budget and holds it at least a batch wait (0.5 s): of six sent at
+    # once, some must wait past pixel_wait_s (0.2 s).
+    body = json.dumps({"items": [{"prompt": prompt, "image": {"base64": b64(png(
+        big.resize((128, 128))))}}] * 3}).encode()
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: post(service, "/v1/score", body), range(6)))
+    statuses = Counter(status for status, _ in answers)
+    assert set(statuses) == {200, 429} and statuses[200] >= 1, statuses
+    for status, answer in answers:
+        if status == 429:
+            assert answer["error"] == "busy" and "decoded pixels in flight" in answer["message"]
+    assert client.score_one(prompt, good).mu == pytest.approx(
+        reward([good], [prompt]).mu.item(), abs=1e-5)
+
+
+def slow_client(url: str, source: str, finish_headers: bool = True) -> socket.socket:
+    """A connection from `source` (any 127/8 address is this machine) that sends its headers,
+    or only part of them, and 100 bytes of a 100 kB body, then stalls."""
+    parts = urlparse(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=60,
+                                    source_address=(source, 0))
+    head = (f"POST /v1/score HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {TOKEN}"
+            "\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+    sock.sendall(head.encode() + b'{"items": [' + b" " * 89 if finish_headers else
+                 head[:60].encode())
+    return sock
+
+
+def answer_of(sock: socket.socket) -> tuple[int, dict, float]:
+    """Status, JSON body and Retry-After of the answer a stalled client gets."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    retry = float(response.getheader("Retry-After", "nan"))
+    answer = (response.status, json.loads(response.read()), retry)
+    sock.close()
+    return answer
+
+
+def test_a_slow_client_flood_is_refused_in_json_while_good_requests_succeed(
+        service, client, scenes, reward):
+    """Stalled clients hold a slot for body_timeout_s at most (then 408); one address's excess
+    is refused at once (429) and the replica's (503), all in the JSON format; clients that
+    never finish their headers hold only proxy connections. Good requests from another
+    address are answered meanwhile, well before the flood times out."""
+    never_done = [slow_client(service, "127.0.0.3", finish_headers=False) for _ in range(40)]
+    flood = [slow_client(service, "127.0.0.2") for _ in range(LIMITS.max_requests_per_client + 12)]
+    start = time.monotonic()
+    good = [(prompt, image) for prompt, image, _ in scenes[:4]]
+    with ThreadPoolExecutor(len(good)) as pool:
+        scores = list(pool.map(lambda item: client.score_one(*item), good))
+    good_s = time.monotonic() - start
+    answers = [answer_of(sock) for sock in flood]
+
+    assert good_s < LIMITS.body_timeout_s, f"good requests waited {good_s:.1f} s"
+    for (prompt, image), score in zip(good, scores, strict=True):
+        assert score.mu == pytest.approx(reward([image], [prompt]).mu.item(), abs=1e-5)
+    statuses = Counter(status for status, _, _ in answers)
+    assert set(statuses) == {408, 429} and statuses[408] >= LIMITS.max_requests_per_client
+    for status, answer, retry in answers:
+        error = {408: "body_timeout", 429: "too_many_requests"}[status]
+        assert answer["error"] == error and answer["message"], answer
+        assert (retry == 1) == (status == 429)
+
+    # Stalled clients from three addresses: beyond the replica's 100 slots, 503 in JSON.
+    crowd = [slow_client(service, f"127.0.0.{4 + i // 40}") for i in range(120)]
+    answers = [answer_of(sock) for sock in crowd]
+    statuses = Counter(status for status, _, _ in answers)
+    assert statuses[503] >= 20 and set(statuses) <= {408, 503}, statuses
+    assert {answer["error"] for status, answer, _ in answers if status == 503} == {"overloaded"}
+    assert client.health() == {"status": "ok"}
+    assert client.score_one(*good[0]).mu == pytest.approx(scores[0].mu, abs=1e-5)
+    for sock in never_done:
+        sock.close()

@@ -98,6 +98,18 @@ def reward_version(cfg: RewardConfig) -> str:
     return _single_version(cfg.kind, cfg)
 
 
+def reward_input_pixels(cfg: RewardConfig) -> int | None:
+    """The most pixels of an image the reward reads: a larger image may be downscaled to this
+    before it is sent, at no cost to its score but a second resampling. None: every pixel
+    counts (the rule rewards, and any sum with one)."""
+    if cfg.kind != "spatialscore":
+        return None
+    from spatialrl.reward.inputs import max_input_pixels
+    from spatialrl.reward.model import checkpoint_folder, read_checkpoint_config
+
+    return max_input_pixels(read_checkpoint_config(checkpoint_folder(cfg.spatialscore_path)))
+
+
 def _single_version(kind: str, cfg: RewardConfig) -> str:
     if kind != "spatialscore":
         return kind

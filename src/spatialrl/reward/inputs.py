@@ -31,13 +31,33 @@ def load_qwen_vl_processing(
     """(tokenizer, image processor, image token id) of a Qwen2.5-VL hub id or folder; a pixel
     budget left at None keeps the image processor's own."""
     source = dict(pretrained_model_name_or_path=base_model, revision=revision)
-    budget = {"min_pixels": min_pixels, "max_pixels": max_pixels}
-    pixels = {name: value for name, value in budget.items() if value is not None}
     return (
         AutoTokenizer.from_pretrained(**source),
-        AutoImageProcessor.from_pretrained(**source, **pixels),
+        load_image_processor(base_model, revision, min_pixels, max_pixels),
         AutoConfig.from_pretrained(**source).image_token_id,
     )
+
+
+def load_image_processor(
+    base_model: str,
+    revision: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+):
+    """The Qwen2.5-VL image processor; a pixel budget left at None keeps its own."""
+    budget = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    pixels = {name: value for name, value in budget.items() if value is not None}
+    return AutoImageProcessor.from_pretrained(base_model, revision=revision, **pixels)
+
+
+def max_input_pixels(config: SpatialScoreConfig) -> int:
+    """The most pixels (width x height) SpatialScore reads of an image: its image processor
+    resizes anything larger down to this (Qwen2-VL's processors keep max_pixels as
+    size.longest_edge)."""
+    processor = load_image_processor(
+        config.base_model, config.revision, config.min_pixels, config.max_pixels
+    )
+    return processor.size.longest_edge
 
 
 class QwenVLChatEncoder:

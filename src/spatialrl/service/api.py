@@ -13,6 +13,9 @@ import base64
 import binascii
 import io
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlparse
@@ -154,20 +157,73 @@ def check_item_count(count: int, limits: LimitsConfig) -> None:
         )
 
 
-def decode_image(
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image's file bytes whose header passed every check, with its size from the header."""
+
+    where: str
+    data: bytes
+    size: tuple[int, int]  # width, height
+
+    @property
+    def pixels(self) -> int:
+        return self.size[0] * self.size[1]
+
+
+def read_image(
     ref: ImageRef, where: str, limits: LimitsConfig, local_files_root: str | None
-) -> np.ndarray:
-    """The image as a uint8 HxWx3 RGB array, after every check; RequestError otherwise.
-    The size is read from the header, so an oversized image is refused before decoding."""
+) -> EncodedImage:
+    """The image's bytes after the checks its header allows (format, size, aspect ratio), so
+    that an oversized image is refused before anything is decoded; RequestError otherwise."""
     data = _image_bytes(ref, where, limits, local_files_root)
+    with _opened(data, where) as image:
+        _check_size(image.size, where, limits)
+        return EncodedImage(where, data, image.size)
+
+
+def check_request_pixels(images: list[EncodedImage], limits: LimitsConfig) -> int:
+    """The pixels a request's images decode to, in all; 413 above the limit."""
+    pixels = sum(image.pixels for image in images)
+    if pixels > limits.max_request_pixels:
+        raise RequestError(
+            413, "too_many_pixels",
+            f"the images hold {pixels} pixels in all, above the limit of "
+            f"{limits.max_request_pixels} per request",
+        )
+    return pixels
+
+
+def decode_pixels(image: EncodedImage, fit_pixels: int | None = None) -> np.ndarray:
+    """The image as a uint8 HxWx3 RGB array, upright, downscaled (aspect kept) to at most
+    `fit_pixels` when it is larger: the reward model reads no more, and a large image is
+    never held at full size past its own decoding. A JPEG is decoded at the smallest
+    1/2, 1/4 or 1/8 scale that still holds that many pixels."""
+    with _opened(image.data, image.where) as opened:
+        if fit_pixels is not None and image.pixels > fit_pixels:
+            opened.draft(None, fitted_size(image.size, fit_pixels))
+        upright = upright_rgb(opened)
+    if fit_pixels is not None and upright.width * upright.height > fit_pixels:
+        upright = upright.resize(fitted_size(upright.size, fit_pixels), Image.Resampling.BICUBIC)
+    return np.asarray(upright)
+
+
+def fitted_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """The largest size of the same aspect ratio with at most max_pixels pixels."""
+    scale = math.sqrt(max_pixels / (size[0] * size[1]))
+    return max(1, math.floor(size[0] * scale)), max(1, math.floor(size[1] * scale))
+
+
+@contextmanager
+def _opened(data: bytes, where: str) -> Iterator[Image.Image]:
+    """The image file, open; RequestError for anything that is not a readable PNG or JPEG,
+    whether its header or its pixels (read inside the block) are at fault."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in IMAGE_FORMATS:
                 raise RequestError(
                     422, "not_an_image", f"{where}: a {image.format} image; send PNG or JPEG"
                 )
-            _check_size(image.size, where, limits)
-            return np.asarray(upright_rgb(image))
+            yield image
     except Image.DecompressionBombError as err:  # sizes far above any sane limit
         raise RequestError(413, "image_too_large", f"{where}: {err}") from None
     except UnidentifiedImageError:

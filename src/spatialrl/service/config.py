@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from spatialrl.config import PolicyModelConfig, RewardConfig, Section
 
@@ -35,6 +35,37 @@ class LimitsConfig(Section):
     max_aspect_ratio: float = Field(200.0, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
     max_best_of: int = Field(16, ge=1, description="largest N of a best-of-N request")
+    # Memory: images are decoded one at a time and downscaled at once to what the reward reads,
+    # but each request holds its pixels until it is scored; these bound that in one ingress.
+    max_request_pixels: int = Field(
+        64 * 512 * 512, ge=1, description="width x height summed over a request's images"
+    )
+    max_pixels_in_flight: int = Field(
+        4 * 64 * 512 * 512, ge=1, description="pixels of the requests one ingress replica "
+        "decodes or scores at once; a request beyond waits up to pixel_wait_s, then gets 429",
+    )
+    pixel_wait_s: float = Field(5.0, ge=0)
+    # Slow clients: a request holds an ingress slot from its headers to its answer.
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="seconds from the headers to the whole body; then 408"
+    )
+    max_requests_in_flight: int = Field(
+        48, ge=1, description="requests one ingress replica works on; more get 503 at once "
+        "(keep it below ingress.max_ongoing_requests, so that the refusals are answered)",
+    )
+    max_requests_per_client: int = Field(
+        16, ge=1, description="requests in flight from one client address; more get 429 at "
+        "once (behind a reverse proxy every client has its address: raise it there)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> LimitsConfig:
+        if self.max_pixels_in_flight < self.max_request_pixels:
+            raise ValueError(
+                f"max_pixels_in_flight: {self.max_pixels_in_flight} is below "
+                f"max_request_pixels ({self.max_request_pixels}): a full request would never run"
+            )
+        return self
 
 
 class FluxGeneratorConfig(Section):
@@ -86,6 +117,17 @@ class ServiceConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     # None: the best-of-N endpoint answers 404.
     generator: GeneratorConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ServiceConfig:
+        # Serve's proxy answers requests beyond the ingress's slots itself, in plain text.
+        if self.limits.max_requests_in_flight >= self.ingress.max_ongoing_requests:
+            raise ValueError(
+                f"limits.max_requests_in_flight: {self.limits.max_requests_in_flight} must be "
+                f"below ingress.max_ongoing_requests ({self.ingress.max_ongoing_requests}), so "
+                "that the replica has slots left to refuse the excess"
+            )
+        return self
 
 
 def resolve_local_paths(cfg: ServiceConfig) -> None:
