@@ -7,6 +7,9 @@
 #   scripts/reward_curriculum.sh            # OUT=runs/reward-curriculum DATA=data/curriculum
 #   DATA=runs/bench-data scripts/reward_curriculum.sh   # reuse the benchmarks' pair sets
 #
+# The last stage's newest model is then packaged, with its base model, into $SHIP
+# (default models/spatialscore-shapes: the shipped SpatialScore; see its README.md).
+#
 # Measured (README "Training SpatialScore"): 75 min of training on one CPU core, 0.931 on
 # held-out shapes pairs. Building the pairs first takes about 50 min more (72000 shapes
 # pairs at ~40 ms each, one core).
@@ -17,6 +20,8 @@ OUT=${OUT:-runs/reward-curriculum}
 DATA=${DATA:-data/curriculum}
 SHAPES_PAIRS=${SHAPES_PAIRS:-72000}  # 80% train
 CONFIG=${CONFIG:-configs/reward/curriculum.yaml}
+SHIP=${SHIP:-models/spatialscore-shapes}
+SEED=${SEED:-}  # empty: the config's seed
 
 "$BIN/spatialrl" tiny-models tiny-models
 
@@ -38,6 +43,7 @@ stage() {
   local args=(--config "$CONFIG" --set "output_dir=$run" --set "data.train=$data/train.parquet"
               --set "data.test=$data/test.parquet" --set "optim.steps=$4" --set "optim.lr=$5")
   [[ -n "$previous" ]] && args+=(--set "init_from=$previous")
+  [[ -n "$SEED" ]] && args+=(--set "seed=$SEED")
   [[ -f "$run/mlflow_run.json" ]] && args+=(--resume)
   "$BIN/spatialrl" reward train "${args[@]}"
   previous="$run"
@@ -49,3 +55,6 @@ stage 3-relation relation 15000 2500 1e-3
 stage 4-shapes shapes "$SHAPES_PAIRS" 3000 1e-3
 stage 5-shapes-more shapes "$SHAPES_PAIRS" 2000 5e-4
 stage 6-shapes-last shapes "$SHAPES_PAIRS" 3000 5e-4
+
+newest=$(ls -d "$previous"/ray-train/checkpoint_*/model | sort | tail -1)
+"$BIN/spatialrl" reward package --model "$newest" --out "$SHIP"

@@ -40,7 +40,8 @@ def test_ray_up_config_passes_ray_schema_validation(path, provider):
     assert config["provider"]["type"] == provider
     assert config["head_node_type"] == "head"
     assert config["idle_timeout_minutes"] > 0
-    assert "pip install --quiet /home/ray/spatialrl" in config["worker_setup_commands"]
+    assert ("pip install --quiet -c /home/ray/spatialrl/constraints.txt /home/ray/spatialrl"
+            in config["worker_setup_commands"])  # the tested versions of constraints.txt
     for name, spec in config["available_node_types"].items():
         assert spec["min_workers"] == 0, f"{name}: the run starts with the head node only"
 

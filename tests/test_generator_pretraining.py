@@ -12,9 +12,9 @@ from spatialrl.cli import main
 from spatialrl.config import GeneratorPretraining, PolicyModelConfig
 from spatialrl.data.shapes import HELD_OUT_COMBOS
 from spatialrl.flux.loading import load_flux_pipeline
-from spatialrl.flux.pretraining import PROMPTS_FILE, pretrain_generator
+from spatialrl.flux.pretraining import PROMPTS_FILE, lr_factor, pretrain_generator
 
-SMALL = dict(num_renders=32, vae_steps=2, vae_batch_size=4, batch_size=4,
+SMALL = dict(num_renders=32, vae_steps=2, vae_batch_size=4, batch_size=4, lr_decay_steps=0,
              checkpoint_every=2, log_every=2)
 
 
@@ -88,3 +88,10 @@ def test_cli_builds_with_its_flags(tmp_path):
     settings = json.loads((tmp_path / "work" / "settings.json").read_text())
     assert (settings["steps"], settings["num_renders"]) == (1, 8)
     assert np.isclose(settings["lr"], GeneratorPretraining().lr)
+
+
+def test_the_schedule_warms_up_holds_then_decays_to_zero():
+    settings = GeneratorPretraining(steps=1000, warmup_steps=100, lr_decay_steps=400)
+    factors = [lr_factor(step, settings) for step in (0, 99, 300, 599, 800, 999)]
+    assert factors == pytest.approx([0.01, 1.0, 1.0, 1.0, 0.5, 1 / 400])
+    assert lr_factor(999, GeneratorPretraining(steps=1000, lr_decay_steps=0)) == 1.0

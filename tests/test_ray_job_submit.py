@@ -1,9 +1,16 @@
-"""The cluster entry: `ray job submit --working-dir . -- spatialrl train ...` against a
-`ray start --head` cluster on this machine, exactly as on a real cluster."""
+"""The cluster entry: the README's `ray job submit` recipe, run word for word against a
+`ray start --head` cluster on this machine, from a fresh copy of the repository, as a user
+would run it after `make tiny-models`.
 
-import json
+The recipe is read from the README code block that follows RECIPE_MARKER, so the README and
+this test cannot drift apart. The test appends only `--set` overrides that shorten the run
+(iterations, group size, steps); paths, working dir and runtime environment are the README's.
+"""
+
 import os
+import re
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -12,14 +19,68 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from spatialrl.actors.local_cluster import end_processes_naming
 
-pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
-
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+README = REPO / "README.md"
+RECIPE_MARKER = "<!-- tests/test_ray_job_submit.py runs the next block word for word -->"
+# Appended to the recipe so that the job takes about a minute, not the config's 60 iterations.
+SHORTER = ["--set", "iterations=2", "--set", "eval_every=1", "--set", "checkpoint_every=0",
+           "--set", "prompts.prompts_per_iteration=2", "--set", "grpo.group_size=4",
+           "--set", "grpo.top_k=1", "--set", "sampling.num_steps=4",
+           "--set", "prompts.num_eval_prompts=2"]
+
+
+def readme_recipe() -> str:
+    """The bash block after RECIPE_MARKER, as written."""
+    text = README.read_text()
+    assert text.count(RECIPE_MARKER) == 1, "README.md must mark exactly one job-submit recipe"
+    match = re.match(r"\s*```bash\n(.*?)```", text.split(RECIPE_MARKER, 1)[1], re.S)
+    assert match, "the marker must be followed by a ```bash block"
+    return match.group(1)
+
+
+def recipe_words() -> list[str]:
+    """The recipe as the words bash would pass, without expanding anything."""
+    return shlex.split(readme_recipe().replace("\\\n", " "), comments=True)
+
+
+def overridden_keys(words: list[str]) -> dict[str, str]:
+    return dict(words[i + 1].split("=", 1) for i, word in enumerate(words) if word == "--set")
+
+
+def test_readme_recipe_is_one_job_submit_of_the_local_config():
+    words = recipe_words()
+    assert words[:5] == ["ray", "job", "submit", "--working-dir", "."]
+    assert words[words.index("--"):][:4] == ["--", "spatialrl", "train", "--config"]
+    assert words[words.index("--config") + 1] == "configs/local.yaml"
+    # One command: no second command, no `&&` or `;` hidden in the block.
+    assert not {"&&", ";", "|", "ray"} & set(words[1:])
+
+
+def test_readme_recipe_overrides_every_git_ignored_path_of_the_local_config():
+    """`--working-dir .` uploads what git does not ignore, and the driver runs in Ray's copy of
+    it: a relative path to an ignored folder (tiny-models/) is missing there, and a relative
+    output (runs/, mlflow.db) would be written into the throw-away copy. The recipe must give
+    each such key an absolute path."""
+    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    local_paths = {
+        "model.pretrained": config["model"]["pretrained"],
+        "output_dir": config["output_dir"],
+        "mlflow.tracking_uri": config["mlflow"]["tracking_uri"].removeprefix("sqlite:///"),
+    }
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *local_paths.values()],
+                             cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert ignored, "configs/local.yaml names no git-ignored path: update this test"
+    overrides = overridden_keys(recipe_words())
+    for key, path in local_paths.items():
+        if path in ignored:
+            assert key in overrides, f"the recipe must set {key} (config: {path}, git-ignored)"
+            assert "$PWD/" in overrides[key], f"{key} must be absolute: {overrides[key]}"
 
 
 def free_port() -> int:
@@ -28,10 +89,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def fresh_copy_of_repository(dest: Path) -> Path:
+    """What a clone holds: tracked files and new files git does not ignore (no .venv, runs/,
+    tiny-models/, mlflow.db)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, check=True, capture_output=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
 @pytest.fixture
 def head_node(tmp_path):
-    """A one-node cluster with token authentication (Ray's default); its processes find
-    `spatialrl` on PATH, as in a cluster image."""
+    """A one-node cluster with token authentication (RAY_AUTH_MODE=token); its processes find
+    `spatialrl` on PATH, as after `source .venv/bin/activate` or in a cluster image."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
@@ -56,29 +130,31 @@ def head_node(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_trainer_on_the_cluster(head_node, tiny_flux_path, tmp_path):
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_readme_job_submit_recipe_runs_word_for_word(head_node, tiny_flux_path, tmp_path):
     address, env = head_node
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    runtime_env = {"excludes": [".git", ".venv", "runs", "mlruns", "mlartifacts", "*.db",
-                                "tiny-models"]}
-    command = [
-        BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps(runtime_env), "--",
-        "spatialrl", "train", "--config", "configs/local.yaml",
-        "--set", f"model.pretrained={tiny_flux_path}", "--set", "iterations=2",
-        "--set", "eval_every=1", "--set", "checkpoint_every=0",
-        "--set", "prompts.prompts_per_iteration=2", "--set", "grpo.group_size=4",
-        "--set", "grpo.top_k=1", "--set", "sampling.num_steps=4",
-        "--set", "prompts.num_eval_prompts=2",
-        "--set", f"output_dir={tmp_path / 'run'}", "--set", f"mlflow.tracking_uri={tracking_uri}"]
-    job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    clone = fresh_copy_of_repository(tmp_path / "clone")
+    (clone / "tiny-models").mkdir()  # what `make tiny-models` leaves, git-ignored
+    (clone / "tiny-models" / "flux").symlink_to(tiny_flux_path, target_is_directory=True)
+    script = readme_recipe().rstrip() + " " + shlex.join(SHORTER) + "\n"
+    job = subprocess.run(
+        ["bash", "-eo", "pipefail", "-c", script], cwd=clone,
+        env={**env, "RAY_ADDRESS": address, "PWD": str(clone)},
+        capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
 
+    # The run's database and outputs are in the user's folder, not in Ray's working-dir copy.
+    tracking_uri = f"sqlite:///{clone / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs(client.get_experiment_by_name("spatialrl-local").experiment_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["backend"] == "ray"
+    assert run.data.params["model.pretrained"] == str(clone / "tiny-models" / "flux")
     history = client.get_metric_history(run.info.run_id, "policy/version")
     assert [m.value for m in history] == [1.0, 2.0]
-    assert (tmp_path / "run" / "checkpoints" / "iteration-000001" / "run_state.json").is_file()
+    (output,) = (clone / "runs" / "job").iterdir()
+    assert run.data.params["output_dir"] == str(output)
+    assert (output / "checkpoints" / "iteration-000001" / "run_state.json").is_file()

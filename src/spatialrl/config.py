@@ -352,10 +352,11 @@ class GeneratorPretraining:
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
+    lr_decay_steps: int = 1500
     ema_decay: float = 0.999
     # FluxPipeline pads every prompt to this many T5 tokens; 40 holds the longest
     # shapes-world prompt (35), so none is cut.

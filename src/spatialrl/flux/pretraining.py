@@ -21,6 +21,7 @@ import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -200,9 +201,7 @@ def train_transformer(
     parts = [getattr(pipeline, name) for name in TRAINED_PARTS]
     parameters = [p for part in parts for p in part.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / settings.warmup_steps)
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, settings=settings))
     ema = EMAModel(parameters, decay=settings.ema_decay)
     generator = torch.Generator().manual_seed(settings.seed)
     rng = np.random.default_rng([settings.seed, 3])
@@ -233,6 +232,14 @@ def train_transformer(
     for part in parts:
         part.eval()
     ema.copy_to(parameters)
+
+
+def lr_factor(step: int, settings: GeneratorPretraining) -> float:
+    """Linear warmup, constant, then a linear decay to 0 over the last lr_decay_steps."""
+    warmup = min(1.0, (step + 1) / settings.warmup_steps)
+    if settings.lr_decay_steps == 0:
+        return warmup
+    return warmup * min(1.0, max(0.0, (settings.steps - step) / settings.lr_decay_steps))
 
 
 def flow_matching_loss(

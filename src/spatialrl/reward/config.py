@@ -47,7 +47,7 @@ class SpatialScoreConfig(Section):
     # lora: the adapter (and the vision tower if trained), head and reward token train.
     # full: every backbone weight trains too, the embedding matrix included, and checkpoints
     # carry the whole backbone. A tiny random backbone needs it to learn relations at all
-    # (README "Training SpatialScore"); the LoRA adapter stays on beside it.
+    # (bench/README.md, the SpatialScore curriculum); the LoRA adapter stays on beside it.
     finetune: Literal["lora", "full"] = "lora"
     gradient_checkpointing: bool = False
     head_hidden_size: int = Field(1024, ge=1)
