@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
+from safetensors.torch import load_file
 
 from spatialrl.cli import main
 from spatialrl.config import GeneratorPretraining, PolicyModelConfig
@@ -35,6 +36,9 @@ def test_build_loads_through_flux_pipeline_and_the_project_loader(straight_build
     loaded = load_flux_pipeline(PolicyModelConfig(pretrained=str(straight_build),
                                                   dtype="float32"))
     assert pipeline.vae_scale_factor == 4  # 64 px images, 16 x 16 latents, 64 tokens
+    saved = load_file(next((straight_build / "transformer").glob("*.safetensors")))
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float16}  # half the size
+    assert loaded.transformer.dtype == torch.float32
     # The VAE's normalisation was measured on the renders, not left at FLUX.1-dev's values.
     assert loaded.vae.config.shift_factor != 0.1159
     assert loaded.vae.config.scaling_factor != 0.3611
@@ -73,11 +77,16 @@ def test_renders_are_train_split_only(straight_build):
         assert not any(f"{colour} {shape}" in prompt for prompt in prompts)
 
 
-def test_a_work_folder_refuses_other_settings(tmp_path):
+def test_a_work_folder_refuses_settings_that_change_what_was_trained(tmp_path):
     pretrain_generator(tmp_path / "out", tmp_path / "work", GeneratorPretraining(steps=0, **SMALL))
     with pytest.raises(ValueError, match="lr"):
         pretrain_generator(tmp_path / "out", tmp_path / "work",
                            GeneratorPretraining(steps=0, **SMALL | {"lr": 0.5}))
+    # More steps, or another saved dtype, go on with the same build.
+    pretrain_generator(tmp_path / "out", tmp_path / "work",
+                       GeneratorPretraining(steps=1, save_dtype="float32", **SMALL))
+    saved = load_file(next((tmp_path / "out" / "transformer").glob("*.safetensors")))
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
 
 
 def test_cli_builds_with_its_flags(tmp_path):

@@ -365,3 +365,5 @@ class GeneratorPretraining:
     guidance_range: tuple[float, float] = (1.0, 5.0)
     checkpoint_every: int = 250
     log_every: int = 50
+    # The saved pipeline's dtype; loaders cast to theirs. float16 halves the shipped size.
+    save_dtype: Literal["float32", "float16", "bfloat16"] = "float16"

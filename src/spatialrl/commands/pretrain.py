@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,12 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            help="staging folder; rerunning with it resumes the build")
     generator.add_argument("--threads", type=int, default=None,
                            help="torch threads (default: torch's own choice, all cores)")
-    defaults = GeneratorPretraining()
+    hints = get_type_hints(GeneratorPretraining)
     for field in fields(GeneratorPretraining):
-        if isinstance(getattr(defaults, field.name), tuple):
+        if isinstance(field.default, tuple):
             continue
+        choices = get_args(hints[field.name]) if get_origin(hints[field.name]) is Literal else None
         generator.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
-                               default=field.default)
+                               default=field.default, choices=choices)
     generator.set_defaults(func=run)
 
 

@@ -67,7 +67,11 @@ def pretrain_generator(
     pipeline.vae = trained_vae(pipeline.vae, images, work_dir, settings)
     latents = encoded_latents(pipeline.vae, images, work_dir)
     train_transformer(pipeline, latents, prompts, work_dir, settings)
-    return save_atomically(Path(out_dir), [pipeline])
+    return save_atomically(Path(out_dir), [pipeline.to(getattr(torch, settings.save_dtype))])
+
+
+# Settings that do not change what was trained so far: a build may go on with other values.
+CHANGEABLE_ON_RESUME = frozenset({"steps", "save_dtype", "checkpoint_every", "log_every"})
 
 
 def _check_settings(work_dir: Path, settings: GeneratorPretraining) -> None:
@@ -76,7 +80,8 @@ def _check_settings(work_dir: Path, settings: GeneratorPretraining) -> None:
     current = json.loads(json.dumps(asdict(settings)))
     if recorded.is_file():
         before = json.loads(recorded.read_text())
-        changed = {k for k in current if before.get(k) != current[k] and k != "steps"}
+        changed = {k for k in current
+                   if before.get(k) != current[k] and k not in CHANGEABLE_ON_RESUME}
         if changed:
             raise ValueError(
                 f"{work_dir} holds a build with other settings ({sorted(changed)}); "
