@@ -6,7 +6,7 @@ TINY := tiny-models
 # Each quick-start run gets its own output folder: a fresh run refuses one holding a run.
 RUN_DIR ?= runs/local/$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install tiny-models train-local test lint
+.PHONY: install tiny-models train-local test test-fast lint
 
 install:
 	VENV=$(VENV) scripts/install.sh
@@ -19,6 +19,10 @@ train-local: tiny-models
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The developer tier: no Ray, no DeepSpeed, nothing marked slow (CI runs everything).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not ray and not deepspeed" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check src actors learners tests bench

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_tiny_rollout_and_estimate_write_a_result_file(tmp_path):
     out = tmp_path / "perf.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

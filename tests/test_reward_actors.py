@@ -21,7 +21,7 @@ from spatialrl.data.render import render
 from spatialrl.reward import SpatialScore, SpatialScoreConfig
 from spatialrl.rewards import build_reward
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 PROMPT = "a red circle to the left of a blue square"
 RULE_APP, NAN_APP, SPATIALSCORE_APP = "test-rule", "test-nan", "test-spatialscore"

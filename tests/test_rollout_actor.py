@@ -12,7 +12,7 @@ from spatialrl.learners.policy_learner import LearnerGroup
 from spatialrl.rewards import build_reward
 from spatialrl.train_batch import build_train_batch, score_groups
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.deepspeed]  # a LearnerGroup
 
 PROMPTS = ["a red circle left of a blue square", "a green triangle above a yellow circle"]
 

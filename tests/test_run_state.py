@@ -96,6 +96,7 @@ def test_an_unsupported_scheme_is_a_config_error_naming_output_dir():
         prepare_output_dir("ftp2://host/runs/a")
 
 
+@pytest.mark.slow  # the S3 SDK's retries take about 12 s
 def test_an_unreachable_bucket_is_a_config_error_naming_output_dir(monkeypatch):
     # An S3 endpoint on a closed local port: the bucket check fails (after the SDK's retries,
     # about 12 s) instead of the first checkpoint failing hours into a run.

@@ -43,7 +43,7 @@ from spatialrl.service.config import (
     ShapesGeneratorConfig,
 )
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TOKEN_ENV = "SPATIALRL_TEST_SERVICE_TOKEN"
 TOKEN = "test-token-5c1e"
