@@ -12,6 +12,12 @@ A checkpoint folder (output_dir/ray-train/checkpoint_*) holds
                        shard, the LR schedule (each rank writes its own files)
     model/             the SpatialScore save_pretrained folder (safetensors only)
     train_state.json   the number of steps done, the world size and the MLflow run id
+    checksums/rank-N.json  the sha256 of every file rank N wrote (rank 0 never sees the
+                       others' files): a resume, and init_from, check every file of the
+                       checkpoint against them before loading any, and stop with an error
+                       naming a changed, missing or unlisted file. Ray Train picks the
+                       checkpoint it restores, so there is no falling back to an older one;
+                       each rank reads the whole checkpoint once to check it.
 The MLflow run id is also kept in output_dir/mlflow_run.json, so `--resume` continues the same
 run: Ray Train restores the newest checkpoint of output_dir/ray-train, training goes on at the
 next step, and metrics keep their step numbers. Every random draw of a step is a function of
@@ -35,13 +41,15 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.experimental import tqdm_ray
-from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from spatialrl import storage
+from spatialrl import checksums, storage
+from spatialrl.checksums import CheckpointError
 from spatialrl.config import ConfigError
 from spatialrl.data.pairs import PairReadResult, iter_pairs
 from spatialrl.deepspeed_checkpoints import load_weights_only
+from spatialrl.errors import InputError
 from spatialrl.reward.evaluation import accuracy_summary, score_pairs
 from spatialrl.reward.model import SpatialScore, checkpoint_folder, read_checkpoint_config
 from spatialrl.reward.train_config import RewardTrainConfig
@@ -63,6 +71,7 @@ ENGINE_DIR = "engine"
 ENGINE_TAG = "spatialscore"
 MODEL_DIR = "model"
 STATE_FILE = "train_state.json"
+CHECKSUMS_DIR = "checksums"
 
 
 @dataclass
@@ -100,7 +109,7 @@ def train_reward_model(cfg: RewardTrainConfig, resume: bool = False) -> RewardTr
     with tracker:
         if not ray.is_initialized():
             ray.init(address=cfg.distributed.ray_address or os.environ.get("RAY_ADDRESS", "local"))
-        result = _trainer(cfg, tracker.run_id).fit()
+        result = _fit(_trainer(cfg, tracker.run_id))
         # The newest checkpoint, also when this attempt had nothing left to train.
         with result.checkpoint.as_directory() as folder:
             steps_done = json.loads((Path(folder) / STATE_FILE).read_text())["steps_done"]
@@ -149,10 +158,12 @@ def init_model_folder(location: str, cfg: RewardTrainConfig) -> str:
 
 
 def newest_model(output_dir: str | Path) -> Path:
-    """The model folder of the newest checkpoint of the run in `output_dir`."""
+    """The model folder of the newest checkpoint of the run in `output_dir`, once that
+    checkpoint's files are checked."""
     models = sorted((Path(output_dir) / RAY_RUN_NAME).glob(f"checkpoint_*/{MODEL_DIR}"))
     if not models:
         raise ConfigError(f"init_from: {output_dir} holds no checkpoint with a model yet")
+    verify_checkpoint(models[-1].parent)
     return models[-1]
 
 
@@ -163,6 +174,18 @@ def check_data(cfg: RewardTrainConfig) -> None:
         path = getattr(cfg.data, key)
         if path is not None and next(iter_pairs(path, split=split), None) is None:
             raise ConfigError(f"data.{key}: {path} has no valid {split} pairs")
+
+
+def _fit(trainer: TorchTrainer):
+    """trainer.fit(), with a worker's ConfigError or InputError (a damaged checkpoint, a
+    changed world size) raised as it is, so that the CLI prints it as one line."""
+    try:
+        return trainer.fit()
+    except WorkerGroupError as err:
+        named = [e for e in err.worker_failures.values() if isinstance(e, ConfigError | InputError)]
+        if named:
+            raise named[0] from None
+        raise
 
 
 def _trainer(cfg: RewardTrainConfig, mlflow_run_id: str) -> TorchTrainer:
@@ -358,6 +381,7 @@ def _save_checkpoint(
             (Path(folder) / STATE_FILE).write_text(json.dumps(state) + "\n")
             if final_tracker:
                 final_tracker.log_artifacts(model_dir, MODEL_DIR)
+        _write_checksums(Path(folder), rank)
         ray.train.report(
             {"steps_done": steps_done},
             checkpoint=Checkpoint.from_directory(folder),
@@ -371,7 +395,7 @@ def _restore(engine: deepspeed.DeepSpeedEngine, world_size: int) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder:
-        state = json.loads((Path(folder) / STATE_FILE).read_text())
+        state = verify_checkpoint(Path(folder))
         if state["world_size"] != world_size:
             raise ConfigError(
                 f"distributed.num_workers: the checkpoint was written by {state['world_size']} "
@@ -382,3 +406,39 @@ def _restore(engine: deepspeed.DeepSpeedEngine, world_size: int) -> int:
     log.info("resumed from %s after step %d", checkpoint.path, state["steps_done"])
     return int(state["steps_done"])
 
+
+def _write_checksums(folder: Path, rank: int) -> None:
+    """List the sha256 of every file this rank wrote into `folder`; write it last."""
+    listing = folder / CHECKSUMS_DIR / f"rank-{rank}.json"
+    files = checksums.digests(folder, storage.list_files(folder))
+    listing.parent.mkdir()
+    listing.write_text(json.dumps(files, indent=2) + "\n")
+
+
+def verify_checkpoint(folder: Path) -> dict:
+    """Every file of a checkpoint against its ranks' lists, one list per rank of the world
+    size it records; its train_state.json. CheckpointError naming the file otherwise."""
+    lists = sorted((folder / CHECKSUMS_DIR).glob("*"))
+    if not lists:
+        log.warning("%s: written before checksums were recorded; files not verified", folder)
+        return _read_json(folder / STATE_FILE)
+    recorded = {}
+    for listing in lists:
+        recorded |= _read_json(listing)
+    found = [name for name in storage.list_files(folder)
+             if not name.startswith(f"{CHECKSUMS_DIR}/")]
+    checksums.verify(folder, recorded, found, f"{CHECKSUMS_DIR}/rank-*.json")
+    state = _read_json(folder / STATE_FILE)
+    expected = {folder / CHECKSUMS_DIR / f"rank-{rank}.json" for rank in range(
+        state["world_size"])}
+    if odd := sorted(expected.symmetric_difference(lists)):
+        why = "missing" if odd[0] in expected else f"not a rank of {state['world_size']}"
+        raise CheckpointError(f"{odd[0]}: {why} (one list per rank that wrote the checkpoint)")
+    return state
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot be read as JSON ({err})") from None

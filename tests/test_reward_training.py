@@ -4,6 +4,7 @@ and bad input."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -339,6 +340,57 @@ def test_a_full_finetune_continues_from_an_earlier_run(
     torch.testing.assert_close(continued, trained, atol=1e-5, rtol=1e-5)
     params = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(second.mlflow_run_id).data.params
     assert params["init_from"] == f"{first.checkpoint}/model"
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_resume_and_init_from_refuse_a_changed_checkpoint_file(
+    local_ray, tiny_qwen_path, pairs_dir, tmp_path, capsys
+):
+    """Each rank lists the sha256 of the files it wrote; a file of another rank than 0,
+    changed, stops `reward train --resume` with one line naming it, before anything loads."""
+    from spatialrl.checksums import CheckpointError
+    from spatialrl.learners.reward_trainer import train_reward_model, verify_checkpoint
+
+    tiny = ("optim.steps=1", "optim.warmup_steps=0", "checkpoint_every=0", "eval_every=0")
+    first = train_reward_model(train_config(
+        tiny_qwen_path, pairs_dir, tmp_path / "run", tmp_path / "mlflow.db", *tiny))
+    folder = Path(first.checkpoint)
+    assert sorted(p.name for p in (folder / "checksums").iterdir()) == [
+        "rank-0.json", "rank-1.json"]
+    shard = folder / "engine/spatialscore/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert shard.name in (folder / "checksums/rank-1.json").read_text()
+    original = shard.read_bytes()
+    shard.write_bytes(original + b"\0")
+
+    sets = [arg for value in (*tiny, "distributed.cpus_per_worker=0.5")
+            for arg in ("--set", value)]
+    code = main(cli_args(tiny_qwen_path, pairs_dir, tmp_path, *sets, "--resume"))
+    assert code == 2
+    assert f"{shard}: sha256 differs from the one in checksums/rank-*.json" in (
+        capsys.readouterr().err)
+    assert shard.read_bytes() == original + b"\0"  # nothing overwritten
+    with pytest.raises(CheckpointError, match=f"{shard}: sha256 differs"):
+        train_reward_model(train_config(  # init_from checks before any worker starts
+            tiny_qwen_path, pairs_dir, tmp_path / "next", tmp_path / "mlflow.db",
+            f"init_from={tmp_path / 'run'}"))
+
+    # Restored, it verifies; a planted file, a lost one or a lost list is named.
+    shard.write_bytes(original)
+    assert verify_checkpoint(folder)["steps_done"] == 1
+    planted = folder / "engine/spatialscore/extra.pt"
+    planted.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=f"{planted}: not listed"):
+        verify_checkpoint(folder)
+    planted.unlink()
+    (folder / "model/spatialscore.json").rename(tmp_path / "moved.json")
+    with pytest.raises(CheckpointError, match="model/spatialscore.json: listed in .*, missing"):
+        verify_checkpoint(folder)
+    (tmp_path / "moved.json").rename(folder / "model/spatialscore.json")
+    (folder / "checksums/rank-1.json").unlink()
+    with pytest.raises(CheckpointError, match=f"{shard}: not listed"):
+        verify_checkpoint(folder)
 
 
 def test_config_counts_accumulation():

@@ -28,9 +28,9 @@ import re
 
 from pydantic import BaseModel, Field, ValidationError
 
-from spatialrl import storage
+from spatialrl import checksums, storage
+from spatialrl.checksums import CheckpointError
 from spatialrl.config import ConfigError
-from spatialrl.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,6 @@ class RunState(BaseModel):
     # Path (relative to the checkpoint folder) -> sha256 of every other file; None in markers
     # written before checksums were recorded.
     files: dict[str, str] | None = None
-
-
-class CheckpointError(InputError):
-    """A checkpoint whose marker does not parse or whose files do not match it."""
 
 
 def prepare_output_dir(output_dir: str | os.PathLike, resume: bool = False) -> str:
@@ -104,8 +100,7 @@ def _checkpoint_files(folder: str | os.PathLike) -> list[str]:
 
 def save_run_state(folder: str | os.PathLike, state: RunState) -> None:
     """The completion marker, with the sha256 of every other file: write it after them."""
-    files = {name: storage.sha256(storage.join(folder, name))
-             for name in _checkpoint_files(folder)}
+    files = checksums.digests(folder, _checkpoint_files(folder))
     marker = state.model_copy(update={"files": files})
     storage.write_bytes(storage.join(folder, STATE_FILE),
                         (marker.model_dump_json(indent=2) + "\n").encode())
@@ -124,20 +119,8 @@ def load_run_state(folder: str | os.PathLike) -> RunState:
     if state.files is None:
         log.warning("%s: written before checksums were recorded; files not verified", path)
     else:
-        _verify(folder, state.files)
+        checksums.verify(folder, state.files, _checkpoint_files(folder), STATE_FILE)
     return state
-
-
-def _verify(folder: str | os.PathLike, recorded: dict[str, str]) -> None:
-    found = _checkpoint_files(folder)
-    if unknown := sorted(set(found) - recorded.keys()):
-        raise CheckpointError(f"{storage.join(folder, unknown[0])}: not listed in {STATE_FILE}")
-    for name, digest in recorded.items():
-        if name not in found:
-            raise CheckpointError(f"{storage.join(folder, name)}: listed in {STATE_FILE}, missing")
-        if storage.sha256(storage.join(folder, name)) != digest:
-            raise CheckpointError(
-                f"{storage.join(folder, name)}: sha256 differs from the one in {STATE_FILE}")
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> tuple[str, RunState]:
