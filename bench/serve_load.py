@@ -28,13 +28,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from best_of_n import random_spatialscore
 from results_file import write_result
 
-from spatialrl.commands.tiny_models import write_tiny_models
 from spatialrl.data.grammar import sample_scene, scene_to_prompt
 from spatialrl.data.render import render
-from spatialrl.reward import SpatialScore, SpatialScoreConfig
 from spatialrl.service.api import ImageRef
 from spatialrl.service.client import ServiceError, SpatialScoreClient, image_ref
 
@@ -156,11 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        models = write_tiny_models(workdir / "tiny-models")
-        torch.manual_seed(0)
-        checkpoint = SpatialScore.from_config(SpatialScoreConfig(
-            base_model=str(models["qwen2.5-vl"]), dtype="float32", head_hidden_size=32,
-        )).save_pretrained(workdir / "spatialscore")
+        checkpoint = random_spatialscore(workdir)
         runs = [measure(checkpoint, limit, args, workdir)
                 for _ in range(args.repeats) for limit in BATCH_LIMITS]
     by_limit = {str(limit): medians([run for run in runs if run["max_batch_size"] == limit])

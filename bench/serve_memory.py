@@ -39,13 +39,11 @@ import urllib.request
 from pathlib import Path
 
 import psutil
-import torch
+from best_of_n import random_spatialscore
 from PIL import Image
 from results_file import write_result
 from serve_load import free_port, wait_until_ready
 
-from spatialrl.commands.tiny_models import write_tiny_models
-from spatialrl.reward import SpatialScore, SpatialScoreConfig
 from spatialrl.service.client import SpatialScoreClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,11 +154,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        models = write_tiny_models(workdir / "tiny-models")
-        torch.manual_seed(0)
-        checkpoint = SpatialScore.from_config(SpatialScoreConfig(
-            base_model=str(models["qwen2.5-vl"]), dtype="float32", head_hidden_size=32,
-        )).save_pretrained(workdir / "spatialscore")
+        checkpoint = random_spatialscore(workdir)
         trees = [("before", args.before_tree)] if args.before_tree else []
         runs = [measure(label, tree.resolve(), checkpoint, workdir)
                 for label, tree in [*trees, ("after", REPO)]]
