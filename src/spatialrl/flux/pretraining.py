@@ -98,19 +98,27 @@ def renders(work_dir: Path, settings: GeneratorPretraining) -> tuple[np.ndarray,
     images_path, prompts_path = work_dir / RENDERS_FILE, work_dir / PROMPTS_FILE
     if not prompts_path.is_file():
         rng = np.random.default_rng([settings.seed, 1])
-        images, prompts = [], []
-        while len(prompts) < settings.num_renders:
-            scene = sample_split_scene(rng, "train")
-            try:
-                image = render(scene, settings.image_size, rng)
-            except LayoutError:
-                continue
-            images.append(np.asarray(image))
-            prompts.append(scene_to_prompt(scene))
-        save_numpy({"images": np.stack(images)}, str(images_path))
+        images, prompts = render_split(rng, "train", settings.num_renders, settings.image_size)
+        save_numpy({"images": images}, str(images_path))
         prompts_path.write_text(json.dumps(prompts))  # written last: it marks the stage done
         log.info("rendered %d train-split scenes", len(prompts))
     return load_numpy(str(images_path))["images"], json.loads(prompts_path.read_text())
+
+
+def render_split(
+    rng: np.random.Generator, split: str, n: int, size: int
+) -> tuple[np.ndarray, list[str]]:
+    """n renders of `split` scenes (uint8 [n, size, size, 3]) and their prompts; scenes the
+    renderer cannot lay out are drawn again."""
+    images, prompts = [], []
+    while len(prompts) < n:
+        scene = sample_split_scene(rng, split)
+        try:
+            images.append(np.asarray(render(scene, size, rng)))
+        except LayoutError:
+            continue
+        prompts.append(scene_to_prompt(scene))
+    return np.stack(images), prompts
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -156,15 +164,8 @@ def reconstruction_figures(
     """What the rule evaluator reads from the VAE's reconstructions of test-split renders
     (unseen colour/shape combinations): the ceiling for any generator on this VAE."""
     rng = np.random.default_rng([settings.seed, 4])
-    prompts, images = [], []
-    while len(prompts) < n:
-        scene = sample_split_scene(rng, "test")
-        try:
-            images.append(np.asarray(render(scene, settings.image_size, rng)))
-        except LayoutError:
-            continue
-        prompts.append(scene_to_prompt(scene))
-    decoded = vae.decode(vae.encode(to_pixels(np.stack(images))).latent_dist.mode()).sample
+    images, prompts = render_split(rng, "test", n, settings.image_size)
+    decoded = vae.decode(vae.encode(to_pixels(images)).latent_dist.mode()).sample
     pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return rule_figures(list(pixels), prompts)
 
