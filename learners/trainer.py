@@ -64,7 +64,7 @@ from spatialrl.actors.placement import in_bundle, reserve
 from spatialrl.actors.reward import score_groups, start_reward_deployment, stop_reward_deployment
 from spatialrl.actors.rollout import RolloutActor, unpack_group
 from spatialrl.config import ConfigError, TrainConfig
-from spatialrl.evaluation import eval_metrics
+from spatialrl.evaluation import RewardHackingWatch, eval_metrics, summary_line
 from spatialrl.learners.policy_learner import LearnerGroup
 from spatialrl.placement import check_cluster_fits, role_bundles
 from spatialrl.prompts import PromptSource, eval_prompts
@@ -185,6 +185,7 @@ class RayTrainer:
         self.reward: DeploymentHandle | None = None
         self.reward_batch_sizes: list[int] = []
         self.published: Published | None = None
+        self.hacking_watch = RewardHackingWatch()
         self.full_weight_sends: list[ray.ObjectRef] = []
         try:
             self.learners = LearnerGroup(cfg)
@@ -406,8 +407,9 @@ class RayTrainer:
             score_groups, self.reward, [(self.eval_prompts, list(pixels))])
         shapes = self.cfg.prompts.eval_source == "shapes"
         self.tracker.log_eval_images(images, self.eval_prompts, scores.mu.tolist(), iteration)
-        return eval_metrics(images, self.eval_prompts, RewardOutput(scores.mu, scores.sigma),
-                            shapes)
+        metrics = eval_metrics(images, self.eval_prompts,
+                               RewardOutput(scores.mu, scores.sigma), shapes)
+        return metrics | self.hacking_watch.update(metrics, iteration)
 
     def _checkpoint(self, iteration: int) -> str:
         folder = new_checkpoint_dir(self.output_dir, iteration)
@@ -452,6 +454,9 @@ class RayTrainer:
             progress.close()
             for task in in_flight.values():
                 task.cancel()
+        summary = self.hacking_watch.summary()
+        log.info(summary)
+        self.tracker.set_summary(summary, self.hacking_watch.tags())
         return history
 
     async def _iteration(self, iteration: int, in_flight: dict[int, asyncio.Task]
@@ -495,7 +500,7 @@ class RayTrainer:
         })
         self.last_done = now
         self.tracker.log_metrics(metrics, step=iteration)
-        log.info("iteration %d/%d: %s", iteration + 1, cfg.iterations, _summary(metrics))
+        log.info("iteration %d/%d: %s", iteration + 1, cfg.iterations, summary_line(metrics))
         return metrics
 
     # --- learner faults ------------------------------------------------------------------
@@ -588,12 +593,6 @@ class RayTrainer:
         self.fleet.shutdown()
         if self.learners is not None:
             self.learners.shutdown()
-
-
-def _summary(metrics: dict[str, float]) -> str:
-    keys = ("reward/mean", "filter/kept_fraction", "learn/policy_loss", "staleness/mean",
-            "eval/reward_mean", "eval/relation_accuracy", "throughput/images_per_s")
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
 def train_on_ray(cfg: TrainConfig, resume: bool = False) -> str:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spatialrl.config import GRPOConfig
-from spatialrl.grpo.advantages import compute_advantages, select_top_bottom
+from spatialrl.grpo.advantages import compute_advantages, select_top_bottom, win_probability
 from spatialrl.grpo.loss import clipped_surrogate, sample_train_steps
 
 
@@ -123,3 +123,49 @@ def test_train_step_subsampling_stays_inside_the_sde_window():
     assert len(sample_train_steps(mask, 0.01, torch.Generator())) == math.ceil(0.01 * 4)
     with pytest.raises(ValueError, match="no SDE steps"):
         sample_train_steps(torch.zeros(3, dtype=torch.bool), 1.0, torch.Generator())
+
+
+def test_win_probability_of_a_hand_made_group():
+    mu = torch.tensor([1.0, 0.0, 0.0])
+    sigma = torch.tensor([0.0, 1.0, 0.0])
+    wins = win_probability(mu, sigma)
+    phi_1 = 0.5 * (1 + math.erf(1 / math.sqrt(2)))  # P(1 > N(0, 1))
+    # sample 0 beats sample 1 with Phi(1) and sample 2 for sure; 1 vs 2 is a coin flip.
+    assert wins.tolist() == pytest.approx([(phi_1 + 1) / 2, (1 - phi_1 + 0.5) / 2, 0.25])
+    assert float(wins.sum()) == pytest.approx(len(mu) / 2)  # every pair shares one win
+
+
+def test_win_probability_shrinks_towards_a_coin_flip_as_sigma_grows():
+    mu = torch.tensor([2.0, 0.0])
+    sure = win_probability(mu, torch.tensor([0.1, 0.1]))
+    unsure = win_probability(mu, torch.tensor([10.0, 10.0]))
+    assert sure[0] > unsure[0] > 0.5 > unsure[1] > sure[1]
+
+
+def test_win_probability_advantages_follow_the_uncertainty():
+    # The same uneven mu in both groups. A sure reward model (sigma 0) makes the advantages
+    # those of the ranks; a very unsure one makes win rates nearly linear in mu, so the
+    # advantages approach plain GRPO's.
+    mu = torch.tensor([0.0, 1.0, 3.0, 0.0, 1.0, 3.0])
+    sigma = torch.tensor([0.0, 0.0, 0.0, 50.0, 50.0, 50.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    config = cfg(group_size=3, top_k=None, group_reward="win_probability")
+    out = compute_advantages(mu, groups, config, sigma)
+    plain = compute_advantages(mu, groups, cfg(group_size=3, top_k=None))
+    ranks = compute_advantages(torch.tensor([0.0, 1.0, 2.0]), torch.zeros(3), cfg(
+        group_size=3, top_k=None))
+    assert torch.allclose(out.advantages[:3], ranks.advantages, atol=1e-5)
+    assert torch.allclose(out.advantages[3:], plain.advantages[3:], atol=1e-2)
+    assert not torch.allclose(out.advantages[:3], plain.advantages[:3], atol=1e-2)
+
+
+def test_win_probability_needs_sigmas_and_drops_a_nan_sigma_group():
+    mu = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    config = cfg(group_size=2, top_k=None, group_reward="win_probability")
+    with pytest.raises(ValueError, match="sigma"):
+        compute_advantages(mu, groups, config)
+    out = compute_advantages(mu, groups, config, torch.tensor([0.1, 0.1, float("nan"), 0.1]))
+    assert out.dropped_nonfinite_groups == 1
+    assert out.advantages[2:].tolist() == [0.0, 0.0]
+    assert out.advantages[1] > 0 > out.advantages[0]

@@ -98,6 +98,9 @@ class GRPOConfig(Section):
         "select_then_normalize"
     )
     std_scope: Literal["group", "global"] = "group"
+    # What a sample's reward is within its group: the reward model's mu, or its probability
+    # of beating the group's other samples given mu and sigma (spatialrl.grpo.advantages).
+    group_reward: Literal["mu", "win_probability"] = "mu"
     adv_eps: float = Field(1e-4, gt=0)
     adv_clip: float | None = Field(5.0, gt=0)
     clip_range: float = Field(1e-4, gt=0)

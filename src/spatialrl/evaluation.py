@@ -3,6 +3,8 @@ and, for shapes-world prompts, by the rule evaluator that reads relations from p
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from PIL import Image
 
@@ -10,8 +12,10 @@ from spatialrl.config import SamplingConfig
 from spatialrl.data.evaluate import evaluate
 from spatialrl.data.grammar import CONVERSE, Relation, Scene, parse_prompt, scene_to_prompt
 from spatialrl.flux.sampler import sample
-from spatialrl.rewards import RewardOutput, shapes_rule, shapes_soft
+from spatialrl.rewards import RewardOutput, shapes_soft
 from spatialrl.rollout import rollout_seed
+
+log = logging.getLogger(__name__)
 
 
 def sample_eval_images(
@@ -34,13 +38,80 @@ def sample_eval_images(
 def eval_metrics(
     images: list[Image.Image], prompts: list[str], scores: RewardOutput, shapes_world: bool
 ) -> dict[str, float]:
+    """The reward's mean and, for shapes-world prompts, the rule evaluator's figures and how
+    well the reward orders the images as the rule evaluator does."""
     metrics = {"eval/reward_mean": float(scores.mu.mean())}
     if shapes_world:
-        accuracy = shapes_rule(images, prompts).mu
-        metrics["eval/relation_accuracy"] = float(accuracy.mean())
-        metrics["eval/all_relations_correct"] = float((accuracy == 1.0).float().mean())
+        results = [evaluate(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+        accuracy = np.array([r.accuracy for r in results])
+        metrics |= {f"eval/{name}": value
+                    for name, value in _figures(images, prompts, results).items()}
+        metrics["eval/relation_accuracy_se"] = float(accuracy.std() / np.sqrt(len(accuracy)))
         metrics["eval/soft_relation_score"] = float(shapes_soft(images, prompts).mu.mean())
+        metrics["eval/reward_rule_agreement"] = pairwise_agreement(scores.mu.numpy(), accuracy)
     return metrics
+
+
+def pairwise_agreement(reward: np.ndarray, rule_accuracy: np.ndarray) -> float:
+    """Of the image pairs the rule evaluator tells apart, the fraction the reward orders the
+    same way (a reward tie counts one half): 1 agrees fully, 0.5 is chance. NaN when the rule
+    evaluator tells no pair apart."""
+    rule = np.sign(rule_accuracy[:, None] - rule_accuracy[None, :])
+    same = np.sign(reward[:, None] - reward[None, :]) * rule
+    told_apart = rule != 0
+    if not told_apart.any():
+        return float("nan")
+    return float(((same[told_apart] + 1) / 2).mean())
+
+
+class RewardHackingWatch:
+    """Flags the reward rising while the rule evaluator's accuracy falls.
+
+    Each evaluation is compared with the one where rule accuracy peaked: a higher reward mean
+    with an accuracy lower by more than two standard errors of the difference is suspected
+    hacking. Shapes-world evaluations only (they carry eval/relation_accuracy)."""
+
+    def __init__(self) -> None:
+        self.peak: dict[str, float] | None = None
+        self.first: dict[str, float] | None = None
+        self.last: dict[str, float] | None = None
+        self.suspected_at: list[int] = []
+
+    def update(self, metrics: dict[str, float], iteration: int) -> dict[str, float]:
+        if "eval/relation_accuracy" not in metrics:
+            return {}
+        now = {k: metrics[k] for k in ("eval/reward_mean", "eval/relation_accuracy",
+                                       "eval/relation_accuracy_se", "eval/all_relations_correct")}
+        self.first = self.first or now
+        self.last = now
+        accuracy = now["eval/relation_accuracy"]
+        if self.peak is None or accuracy >= self.peak["eval/relation_accuracy"]:
+            self.peak = now
+        margin = 2 * np.hypot(now["eval/relation_accuracy_se"],
+                              self.peak["eval/relation_accuracy_se"])
+        suspected = (now["eval/reward_mean"] > self.peak["eval/reward_mean"]
+                     and accuracy < self.peak["eval/relation_accuracy"] - margin)
+        if suspected:
+            self.suspected_at.append(iteration)
+            log.warning("iteration %d: the reward rose (%.4g -> %.4g) while held-out rule "
+                        "accuracy fell (%.3f -> %.3f) since its peak: possible reward hacking",
+                        iteration + 1, self.peak["eval/reward_mean"], now["eval/reward_mean"],
+                        self.peak["eval/relation_accuracy"], now["eval/relation_accuracy"])
+        return {"eval/reward_hacking_suspected": float(suspected)}
+
+    def tags(self) -> dict[str, str]:
+        return {"reward_hacking_suspected": str(bool(self.suspected_at)).lower()}
+
+    def summary(self) -> str:
+        """One line for the end of a run: the held-out figures first and last, and the verdict."""
+        if self.first is None or self.last is None:
+            return "no shapes-world evaluation ran"
+        parts = [f"{name.removeprefix('eval/')} {self.first[name]:.4g} -> {self.last[name]:.4g}"
+                 for name in ("eval/relation_accuracy", "eval/all_relations_correct",
+                              "eval/reward_mean")]
+        verdict = (f"possible reward hacking at iterations {[i + 1 for i in self.suspected_at]}"
+                   if self.suspected_at else "no reward hacking seen")
+        return "held-out, first evaluation -> last: " + ", ".join(parts) + f"; {verdict}"
 
 
 def reversed_prompt(prompt: str) -> str:
@@ -58,6 +129,10 @@ def rule_figures(images: list[Image.Image], prompts: list[str]) -> dict[str, flo
     every named object readable, every relation right, the fraction of relations right, and
     the chance reference (every relation reversed, yet all hold)."""
     results = [evaluate(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+    return _figures(images, prompts, results)
+
+
+def _figures(images: list[Image.Image], prompts: list[str], results: list) -> dict[str, float]:
     reversed_results = [
         evaluate(image, reversed_prompt(prompt))
         for image, prompt in zip(images, prompts, strict=True)
@@ -73,3 +148,11 @@ def rule_figures(images: list[Image.Image], prompts: list[str]) -> dict[str, flo
         "relation_accuracy": float(np.mean([r.accuracy for r in results])),
         "all_reversed_relations_hold": float(np.mean([r.all_correct for r in reversed_results])),
     } | {f"relation/{name}": float(np.mean(held)) for name, held in sorted(by_predicate.items())}
+
+
+def summary_line(metrics: dict[str, float]) -> str:
+    """The headline metrics of one training iteration, for its log line."""
+    keys = ("reward/mean", "filter/kept_fraction", "learn/policy_loss", "staleness/mean",
+            "eval/reward_mean", "eval/relation_accuracy", "eval/all_relations_correct",
+            "eval/readable_objects", "eval/reward_rule_agreement", "throughput/images_per_s")
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)

@@ -16,7 +16,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from spatialrl import storage
 from spatialrl.config import TrainConfig
-from spatialrl.evaluation import eval_metrics, sample_eval_images
+from spatialrl.evaluation import (
+    RewardHackingWatch,
+    eval_metrics,
+    sample_eval_images,
+    summary_line,
+)
 from spatialrl.flux.loading import load_flux_pipeline
 from spatialrl.flux.lora import add_lora, save_lora
 from spatialrl.grpo.update import TorchOptimization, grpo_update
@@ -58,6 +63,7 @@ class InProcessTrainer:
         )
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.version = 0  # one published weight update = one version
+        self.hacking_watch = RewardHackingWatch()
 
     def train_iteration(self, iteration: int) -> tuple[dict[str, float], list[dict]]:
         cfg = self.cfg
@@ -119,6 +125,10 @@ class InProcessTrainer:
         with logging_redirect_tqdm():  # log lines above the progress bar, not through it
             for iteration in tqdm(range(cfg.iterations), desc="train", unit="iteration"):
                 history.append(self._iteration(iteration, tracker))
+        summary = self.hacking_watch.summary()
+        log.info(summary)
+        if tracker:
+            tracker.set_summary(summary, self.hacking_watch.tags())
         return history
 
     def _iteration(self, iteration: int, tracker: Tracker | None) -> dict[str, float]:
@@ -130,17 +140,13 @@ class InProcessTrainer:
         if cfg.eval_every and (iteration % cfg.eval_every == 0 or last):
             evaluated, images, rewards = self.evaluate()
             metrics.update(evaluated)
+            metrics.update(self.hacking_watch.update(evaluated, iteration))
             if tracker:
                 tracker.log_eval_images(images, self.eval_prompts, rewards, iteration)
         if (cfg.checkpoint_every and (iteration + 1) % cfg.checkpoint_every == 0) or last:
             self.save_checkpoint(iteration, tracker)
-        log.info("iteration %d/%d: %s", iteration + 1, cfg.iterations, _summary(metrics))
+        log.info("iteration %d/%d: %s", iteration + 1, cfg.iterations, summary_line(metrics))
         if tracker:
             tracker.log_metrics(metrics, step=iteration)
         return metrics
 
-
-def _summary(metrics: dict[str, float]) -> str:
-    keys = ("reward/mean", "filter/kept_fraction", "learn/policy_loss", "learn/kl",
-            "eval/reward_mean", "eval/relation_accuracy", "throughput/images_per_s")
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)

@@ -138,6 +138,12 @@ class Tracker:
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
+    def set_summary(self, text: str, tags: dict[str, str]) -> None:
+        """The run's description in the UI (MLflow's note tag), and searchable tags."""
+        self.client.set_tag(self.run_id, "mlflow.note.content", text)
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 

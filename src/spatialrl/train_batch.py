@@ -55,7 +55,7 @@ def build_train_batch(scored: list[ScoredGroup], cfg: GRPOConfig) -> TrainBatch:
     sigma = torch.cat([s.sigma for s in scored]).float()
     group_ids = torch.cat([torch.full((len(s.mu),), s.group.group_id) for s in scored])
     versions = torch.cat([torch.full((len(s.mu),), s.group.version) for s in scored])
-    adv = compute_advantages(mu, group_ids, cfg)
+    adv = compute_advantages(mu, group_ids, cfg, sigma)
     kept_index = torch.nonzero(adv.kept).flatten()
     trajectory = Trajectory.concat([s.group.trajectory for s in scored]).select(kept_index)
 

@@ -3,6 +3,9 @@
 Rewards arrive flat with a group id per sample (one group = the G images of one prompt).
 A group containing a non-finite reward is dropped whole: training on the rest of it would
 bias the group statistics, and a NaN would poison the update.
+
+With `group_reward: win_probability` a sample's group reward is its expected win rate against
+the others of its group, given the reward model's uncertainty (see win_probability).
 """
 
 from __future__ import annotations
@@ -41,14 +44,54 @@ def select_top_bottom(rewards: torch.Tensor, k: int | None) -> torch.Tensor:
     return mask
 
 
+def win_probability(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """[G] -> [G]: mean over j != i of P(r_i > r_j) = Phi((mu_i - mu_j) / sqrt(s_i^2 + s_j^2)),
+    the reward of Pref-GRPO's pairwise win rate made aware of the reward model's uncertainty.
+    Where both sigmas are 0 the comparison is exact: 1 for a win, 1/2 for a tie, 0 for a loss."""
+    size = mu.numel()
+    if size < 2:
+        return torch.full_like(mu, 0.5)
+    diff = mu[:, None] - mu[None, :]
+    scale = torch.sqrt(sigma[:, None] ** 2 + sigma[None, :] ** 2)
+    exact = 0.5 * (torch.sign(diff) + 1)
+    soft = torch.special.ndtr(diff / scale.clamp_min(torch.finfo(mu.dtype).tiny))
+    wins = torch.where(scale > 0, soft, exact)
+    wins.fill_diagonal_(0.0)
+    return wins.sum(dim=1) / (size - 1)
+
+
+def group_rewards_for_advantages(
+    mu: torch.Tensor, sigma: torch.Tensor | None, group_ids: torch.Tensor, cfg: GRPOConfig
+) -> torch.Tensor:
+    """The per-sample reward the advantages are formed from: mu itself, or each sample's win
+    probability within its group (non-finite groups keep their mu, to be dropped)."""
+    if cfg.group_reward == "mu":
+        return mu
+    if sigma is None or sigma.shape != mu.shape:
+        raise ValueError("group_reward win_probability needs a sigma for every reward")
+    rewards = mu.clone()
+    for gid in torch.unique(group_ids):
+        members = group_ids == gid
+        if torch.isfinite(mu[members]).all() and torch.isfinite(sigma[members]).all():
+            rewards[members] = win_probability(mu[members], sigma[members])
+        else:
+            rewards[members] = float("nan")
+    return rewards
+
+
 def compute_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, cfg: GRPOConfig
+    rewards: torch.Tensor, group_ids: torch.Tensor, cfg: GRPOConfig,
+    sigmas: torch.Tensor | None = None,
 ) -> GroupAdvantages:
+    """rewards are the reward model's mu; sigmas its uncertainty (needed by win_probability)."""
     rewards = rewards.detach().to(torch.float32).cpu()
     group_ids = group_ids.cpu()
     if rewards.shape != group_ids.shape or rewards.dim() != 1:
         raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids "
                          f"{tuple(group_ids.shape)} must be equal 1-D shapes")
+    if sigmas is not None:
+        sigmas = sigmas.detach().to(torch.float32).cpu()
+    rewards = group_rewards_for_advantages(rewards, sigmas, group_ids, cfg)
     kept = torch.zeros_like(rewards, dtype=torch.bool)
     in_stats = torch.zeros_like(kept)  # samples whose rewards form the statistics
     groups = torch.unique(group_ids)
