@@ -14,7 +14,7 @@ install:
 tiny-models: install
 	$(BIN)/spatialrl tiny-models $(TINY)
 
-train-local: tiny-models
+train-local: install
 	$(BIN)/spatialrl train --config configs/local.yaml --set output_dir=$(RUN_DIR)
 
 test: install

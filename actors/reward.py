@@ -5,7 +5,7 @@ A request is one group of (prompt, uint8 HxWx3 image) items; the answer is plain
 sigma and, per item, the number of items in the batch that scored it, with the reward version
 of the replica that scored them. Items are batched one by one, so `serving.max_batch_size`
 counts images whatever the group size, and one caller's items share batches with other
-callers'. The trainer calls the deployment through a handle with score_groups; the HTTP
+callers'. The trainer calls the deployment through a handle with score_on_deployment; the HTTP
 service (spatialrl.actors.service) binds reward_application as its child deployment.
 """
 
@@ -163,7 +163,7 @@ class GroupScore:
     retries: int  # times the group was sent again after a replica died or was unavailable
 
 
-def score_groups(
+def score_on_deployment(
     handle: DeploymentHandle,
     groups: Sequence[tuple[Sequence[str], Sequence[np.ndarray]]],
     retries: int = 4,
@@ -208,5 +208,5 @@ def _answer(handle: DeploymentHandle, index: int, items: list, response, retries
 def score_group(
     handle: DeploymentHandle, prompts: Sequence[str], images: Sequence[np.ndarray], **retry
 ) -> GroupScore:
-    """One group through score_groups (same retries)."""
-    return score_groups(handle, [(prompts, images)], **retry)[0]
+    """One group through score_on_deployment (same retries)."""
+    return score_on_deployment(handle, [(prompts, images)], **retry)[0]

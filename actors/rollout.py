@@ -15,10 +15,9 @@ from PIL import Image
 
 from spatialrl.config import TrainConfig
 from spatialrl.evaluation import sample_eval_images
-from spatialrl.flux.loading import load_flux_pipeline
+from spatialrl.flux.loading import load_flux_pipeline, resolve_device
 from spatialrl.flux.lora import add_lora, load_lora_state_dict, lora_checksum, lora_state_dict
 from spatialrl.flux.sampler import Trajectory
-from spatialrl.inprocess import resolve_device
 from spatialrl.rollout import RolloutGroup, sample_groups
 from spatialrl.weight_sync import broadcast_tensors, open_group, weights_fingerprint
 

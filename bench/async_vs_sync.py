@@ -1,6 +1,6 @@
 """The asynchronous loop against the synchronous one, on one local Ray instance.
 
-Both runs use configs/local.yaml with the same overrides; only rollout.max_staleness differs
+Both runs use configs/tiny.yaml with the same overrides; only rollout.max_staleness differs
 (0 = synchronous: rollouts wait for every update; 1 = rollouts for the next iteration run
 while the learner trains). Throughput is steady-state: images trained on from the end of the
 first iteration to the end of the last, over that wall time (start-up excluded).
@@ -9,7 +9,7 @@ first iteration to the end of the last, over that wall time (start-up excluded).
         --set rollout.num_actors=1 --set learner.num_workers=1
 
 Writes bench/results/async_vs_sync.json (or --out). On a 2-core machine give each role its
-own core as above: with local.yaml's 2 actors + 2 learners the overlapped stages share two
+own core as above: with tiny.yaml's 2 actors + 2 learners the overlapped stages share two
 cores four ways and the asynchronous loop loses (bench/results/async_vs_sync_2x2.json); on a
 cluster every role has its own GPUs, which is the case the one-core-per-role run models.
 """
@@ -32,7 +32,7 @@ from spatialrl.tracking import Tracker
 
 
 def run_once(max_staleness: int, iterations: int, overrides: list[str], workdir: Path) -> dict:
-    cfg = load_config("configs/local.yaml", [
+    cfg = load_config("configs/tiny.yaml", [
         f"model.pretrained={workdir / 'tiny-models' / 'flux'}",
         f"output_dir={workdir / f'staleness-{max_staleness}'}",
         f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
@@ -82,7 +82,7 @@ def main() -> None:
         "sync": sync,
         "async": async_,
         "async_over_sync_images_per_s": async_["images_per_s"] / sync["images_per_s"],
-        "config": "configs/local.yaml",
+        "config": "configs/tiny.yaml",
         "overrides": args.overrides,
     }, args.out)
 

@@ -56,8 +56,8 @@ GROUP_SIZE, TOP_K, PROMPTS_PER_ITERATION = 4, 1, 2
 
 
 def trainer_config(tiny_flux: Path, workdir: Path, *extra: str) -> TrainConfig:
-    """configs/local.yaml at the smallest settings, each role asking for its node type."""
-    return load_config("configs/local.yaml", [
+    """configs/tiny.yaml at the smallest settings, each role asking for its node type."""
+    return load_config("configs/tiny.yaml", [
         f"model.pretrained={tiny_flux}", f"output_dir={workdir / 'run'}",
         f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
         "eval_every=0", f"prompts.prompts_per_iteration={PROMPTS_PER_ITERATION}",

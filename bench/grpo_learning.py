@@ -22,9 +22,9 @@ from spatialrl.inprocess import InProcessTrainer
 
 
 def run(iterations: int, eval_every: int, workdir: Path) -> dict:
-    """configs/local.yaml with the brightness reward, in a scratch folder."""
+    """configs/tiny.yaml with the brightness reward, in a scratch folder."""
     models = write_tiny_models(workdir / "tiny-models")
-    cfg = load_config("configs/local.yaml", [
+    cfg = load_config("configs/tiny.yaml", [
         "reward.kind=brightness_left", "checkpoint_every=0",
         f"iterations={iterations}", f"eval_every={eval_every}",
         f"model.pretrained={models['flux']}", f"output_dir={workdir / 'run'}",
@@ -39,7 +39,7 @@ def run(iterations: int, eval_every: int, workdir: Path) -> dict:
         "train_reward_last5": sum(h["reward/mean"] for h in history[-5:]) / 5,
         "seconds": time.perf_counter() - start,
         "iterations": iterations,
-        "config": "configs/local.yaml",
+        "config": "configs/tiny.yaml",
     }
 
 

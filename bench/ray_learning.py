@@ -46,7 +46,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             models = write_tiny_models(Path(tmp) / "tiny-models")
-            cfg = load_config("configs/local.yaml", [
+            cfg = load_config("configs/tiny.yaml", [
                 f"model.pretrained={models['flux']}", f"output_dir={Path(tmp) / 'run'}",
                 f"mlflow.tracking_uri=sqlite:///{Path(tmp) / 'mlflow.db'}",
                 f"reward.kind={args.reward}", f"iterations={args.iterations}",
@@ -71,7 +71,7 @@ def main() -> None:
         "train_reward_first5": sum(h["reward/mean"] for h in history[:5]) / 5,
         "train_reward_last5": sum(h["reward/mean"] for h in history[-5:]) / 5,
         "seconds": time.perf_counter() - start,
-        "config": "configs/local.yaml",
+        "config": "configs/tiny.yaml",
         "overrides": args.overrides,
     }, args.out)
 

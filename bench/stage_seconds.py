@@ -2,9 +2,9 @@
 sample) for one worker, measured with the in-process loop on the config's models. Writes
 the file that `spatialrl capacity --measured` reads.
 
-    .venv/bin/python bench/stage_seconds.py [--config configs/local.yaml] [--iterations 5]
+    .venv/bin/python bench/stage_seconds.py [--config configs/tiny.yaml] [--iterations 5]
 
-With configs/local.yaml this measures the tiny random FLUX on this machine's CPU; on a GPU
+With configs/tiny.yaml this measures the tiny random FLUX on this machine's CPU; on a GPU
 node, pass a config that loads FLUX.1-dev and SpatialScore to measure the real stages.
 The first iteration is a warm-up and is not counted; figures are medians over the rest.
 They are wall-clock seconds, so on a shared machine they include waiting for cores: the
@@ -61,7 +61,7 @@ def measure(config: str, iterations: int, workdir: Path, tiny: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/local.yaml")
+    parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--iterations", type=int, default=5, help="measured, after a warm-up")
     parser.add_argument("--no-tiny", dest="tiny", action="store_false",
                         help="use the config's model instead of freshly built tiny models")

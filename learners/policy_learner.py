@@ -22,12 +22,11 @@ from spatialrl import storage
 from spatialrl.actors.placement import in_bundle, release, reserve
 from spatialrl.config import PolicyModelConfig, TrainConfig
 from spatialrl.deepspeed_checkpoints import load_weights_only
-from spatialrl.flux.loading import load_flux_transformer
+from spatialrl.flux.loading import load_flux_transformer, resolve_device
 from spatialrl.flux.lora import add_lora, lora_checksum, lora_state_dict, save_lora
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.grpo.loss import sample_train_steps
 from spatialrl.grpo.update import grpo_update
-from spatialrl.inprocess import resolve_device
 from spatialrl.placement import role_bundles
 from spatialrl.train_batch import TrainBatch
 from spatialrl.weight_sync import broadcast_tensors, open_group, weights_fingerprint

@@ -61,7 +61,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from spatialrl import storage
 from spatialrl.actors.placement import in_bundle, reserve
-from spatialrl.actors.reward import score_groups, start_reward_deployment, stop_reward_deployment
+from spatialrl.actors.reward import (
+    score_on_deployment,
+    start_reward_deployment,
+    stop_reward_deployment,
+)
 from spatialrl.actors.rollout import RolloutActor, unpack_group
 from spatialrl.config import ConfigError, TrainConfig
 from spatialrl.evaluation import RewardHackingWatch, eval_metrics, summary_line
@@ -329,7 +333,7 @@ class RayTrainer:
         with other actors' groups); returns them with the request and answer times."""
         start = time.perf_counter()
         scores = await asyncio.to_thread(
-            score_groups, self.reward,
+            score_on_deployment, self.reward,
             [([g["prompt"]] * len(g["images"]), list(g["images"])) for g in packed_groups])
         self.counters["faults/reward_retries"] += sum(s.retries for s in scores)
         self.reward_batch_sizes.extend(size for s in scores for size in s.batch_sizes)
@@ -404,7 +408,7 @@ class RayTrainer:
         pixels = answer["images"]
         images = [Image.fromarray(p) for p in pixels]
         (scores,) = await asyncio.to_thread(
-            score_groups, self.reward, [(self.eval_prompts, list(pixels))])
+            score_on_deployment, self.reward, [(self.eval_prompts, list(pixels))])
         shapes = self.cfg.prompts.eval_source == "shapes"
         self.tracker.log_eval_images(images, self.eval_prompts, scores.mu.tolist(), iteration)
         metrics = eval_metrics(images, self.eval_prompts,

@@ -47,5 +47,5 @@ def test_capacity_lists_its_gpu_types(capsys):
 
 def test_an_unknown_gpu_type_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
-        main(["capacity", "--config", "configs/local.yaml", "--rollout-gpu", "v100"])
+        main(["capacity", "--config", "configs/tiny.yaml", "--rollout-gpu", "v100"])
     assert "invalid choice: 'v100'" in capsys.readouterr().err

@@ -197,18 +197,19 @@ def test_a_reward_without_its_checkpoint_is_named_before_anything_starts():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "--config", "configs/serve/local.yaml", "--prompt", GOOD, "--best-of", "2"],
+    (["generate", "--config", "configs/serve/local.yaml", "--set", "reward.spatialscore_path=null",
+      "--prompt", GOOD, "--best-of", "2"],
      "reward.spatialscore_path: the spatialscore reward needs a checkpoint"),
     (["generate", "--set", "reward.kind=nonsense", "--prompt", GOOD, "--best-of", "2"],
      "reward.kind: Input should be"),
-    (["cluster-check", "--config", "configs/local.yaml", "configs/local.yaml"],
-     "configs/local.yaml: neither a `ray up` config (no 'provider') nor a KubeRay RayCluster"),
+    (["cluster-check", "--config", "configs/tiny.yaml", "configs/tiny.yaml"],
+     "configs/tiny.yaml: neither a `ray up` config (no 'provider') nor a KubeRay RayCluster"),
     (["train", "--config", "configs/flux-dev-cluster.yaml", "--set", "output_dir={tmp}",
       "--set", "mlflow.tracking_uri=http://mlflow.invalid:5000"],
      "mlflow.tracking_uri http://mlflow.invalid:5000: cannot be reached"),
-    (["train", "--config", "configs/local.yaml", "--set", "output_dir={tmp}",
+    (["train", "--config", "configs/tiny.yaml", "--set", "output_dir={tmp}",
       "--set", "sampling.sde_window=[0,4"], "--set sampling.sde_window=[0,4: not valid YAML"),
-    (["train", "--config", "configs/local.yaml", "--set", "output_dir={tmp}",
+    (["train", "--config", "configs/tiny.yaml", "--set", "output_dir={tmp}",
       "--set", "reward.kind=nonsense"], "reward.kind: Input should be"),
 ])
 def test_early_errors_fail_in_seconds_in_one_line(argv, message, tmp_path, capsys):

@@ -26,7 +26,7 @@ def tiny_config(tiny_flux_path, *extra):
     # 2 prompts x G=4, top_k=1: 4 kept samples; micro-batches of 2; 2 of 4 SDE steps trained,
     # so DeepSpeed accumulates over 2 backward passes per micro-batch. Pinned here, not
     # taken from local.yaml, since the assertions count on them; kl_beta > 0 runs the KL path.
-    return load_config("configs/local.yaml", [
+    return load_config("configs/tiny.yaml", [
         f"model.pretrained={tiny_flux_path}", "grpo.group_size=4", "grpo.top_k=1",
         "sampling.num_steps=4", "grpo.timestep_fraction=0.5", "grpo.kl_beta=0.004",
         "grpo.clip_range=1e-3", "optim.lr=1e-3", "optim.updates_per_iteration=1",

@@ -1,6 +1,6 @@
 """The cluster entry: the README's `ray job submit` recipe, run word for word against a
 `ray start --head` cluster on this machine, from a fresh copy of the repository, as a user
-would run it after `make tiny-models`.
+would run it after `make install`.
 
 The recipe is read from the README code block that follows RECIPE_MARKER, so the README and
 this test cannot drift apart. The test appends only `--set` overrides that shorten the run
@@ -64,12 +64,13 @@ def test_readme_recipe_is_one_job_submit_of_the_local_config():
 
 def test_readme_recipe_overrides_every_git_ignored_path_of_the_local_config():
     """`--working-dir .` uploads what git does not ignore, and the driver runs in Ray's copy of
-    it: a relative path to an ignored folder (tiny-models/) is missing there, and a relative
+    it: a relative path to an ignored folder is missing there, and a relative
     output (runs/, mlflow.db) would be written into the throw-away copy. The recipe must give
     each such key an absolute path."""
     config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
     local_paths = {
         "model.pretrained": config["model"]["pretrained"],
+        "reward.spatialscore_path": config["reward"]["spatialscore_path"],
         "output_dir": config["output_dir"],
         "mlflow.tracking_uri": config["mlflow"]["tracking_uri"].removeprefix("sqlite:///"),
     }
@@ -133,11 +134,9 @@ def head_node(tmp_path):
 @pytest.mark.ray
 @pytest.mark.deepspeed
 @pytest.mark.slow
-def test_readme_job_submit_recipe_runs_word_for_word(head_node, tiny_flux_path, tmp_path):
+def test_readme_job_submit_recipe_runs_word_for_word(head_node, tmp_path):
     address, env = head_node
     clone = fresh_copy_of_repository(tmp_path / "clone")
-    (clone / "tiny-models").mkdir()  # what `make tiny-models` leaves, git-ignored
-    (clone / "tiny-models" / "flux").symlink_to(tiny_flux_path, target_is_directory=True)
     script = readme_recipe().rstrip() + " " + shlex.join(SHORTER) + "\n"
     job = subprocess.run(
         ["bash", "-eo", "pipefail", "-c", script], cwd=clone,
@@ -152,7 +151,9 @@ def test_readme_job_submit_recipe_runs_word_for_word(head_node, tiny_flux_path, 
     (run,) = client.search_runs(client.get_experiment_by_name("spatialrl-local").experiment_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["backend"] == "ray"
-    assert run.data.params["model.pretrained"] == str(clone / "tiny-models" / "flux")
+    # The shipped models travel with the working directory (they are in the repository).
+    assert run.data.params["model.pretrained"] == "models/shapes-flux"
+    assert run.data.params["reward.spatialscore_path"] == "models/spatialscore-shapes"
     history = client.get_metric_history(run.info.run_id, "policy/version")
     assert [m.value for m in history] == [1.0, 2.0]
     (output,) = (clone / "runs" / "job").iterdir()

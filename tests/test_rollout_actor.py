@@ -18,7 +18,7 @@ PROMPTS = ["a red circle left of a blue square", "a green triangle above a yello
 
 
 def tiny_config(tiny_flux_path):
-    return load_config("configs/local.yaml", [
+    return load_config("configs/tiny.yaml", [
         f"model.pretrained={tiny_flux_path}", "grpo.group_size=4", "grpo.top_k=1",
         "sampling.num_steps=4", "optim.micro_batch_size=2", "optim.updates_per_iteration=1",
         "learner.num_workers=1", "learner.gpus_per_worker=0", "learner.cpus_per_worker=0.5",

@@ -7,13 +7,17 @@ from pathlib import Path
 import torch
 
 from spatialrl.config import PolicyModelConfig, SamplingConfig
-from spatialrl.data.shapes import sample_prompts
+from spatialrl.data.shapes import build_shapes_pairs, sample_prompts
 from spatialrl.evaluation import rule_figures, sample_eval_images
 from spatialrl.flux.loading import load_flux_pipeline
+from spatialrl.reward.evaluation import accuracy_summary, score_pairs
+from spatialrl.reward.model import SpatialScore
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 GENERATOR = MODELS / "shapes-flux"
 READABLE_FLOOR = 0.5  # measured 0.707 on 300 held-out prompts (models/shapes-flux/README.md)
+SPATIALSCORE = MODELS / "spatialscore-shapes"
+PAIR_ACCURACY_FLOOR = 0.7  # measured 0.9375 on these 64 pairs (model card)
 
 
 def test_shipped_files_are_safetensors_only():
@@ -21,7 +25,8 @@ def test_shipped_files_are_safetensors_only():
     weights = [p for p in files if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}]
     assert weights and all(p.suffix == ".safetensors" for p in weights)
     assert sum(p.stat().st_size for p in files) < 32 * 2**20
-    assert (GENERATOR / "README.md").is_file(), "the generator has no model card"
+    for model in (GENERATOR, SPATIALSCORE):
+        assert (model / "README.md").is_file(), f"{model.name} has no model card"
 
 
 def test_base_generator_draws_readable_objects_on_held_out_prompts():
@@ -32,3 +37,13 @@ def test_base_generator_draws_readable_objects_on_held_out_prompts():
     with torch.no_grad():
         figures = rule_figures(sample_eval_images(pipeline, prompts, sampling, seed=0), prompts)
     assert figures["readable_objects"] >= READABLE_FLOOR, figures
+
+
+def test_spatialscore_ranks_held_out_shapes_pairs():
+    """The packaged folder loads on its own (its base model is inside it) and ranks the
+    correct render above the perturbed one on pairs of unseen colour/shape combinations."""
+    model = SpatialScore.from_pretrained(str(SPATIALSCORE)).eval()
+    pairs = build_shapes_pairs(80, seed=7, test_fraction=0.8).test  # 64 test-split pairs
+    with torch.no_grad():
+        summary = accuracy_summary(score_pairs(model, pairs, batch_size=16))
+    assert summary["accuracy"] >= PAIR_ACCURACY_FLOOR, summary

@@ -30,7 +30,7 @@ def mlflow_config(tmp_path) -> MlflowConfig:
 
 def test_a_new_run_opens_as_model_training_with_its_name_commit_and_config(tmp_path):
     cfg = mlflow_config(tmp_path)
-    config = load_config("configs/local.yaml", ["grpo.top_k=3"])
+    config = load_config("configs/tiny.yaml", ["grpo.top_k=3"])
     with Tracker(cfg, name=run_name("grpo", "black-forest-labs/FLUX.1-dev/"),
                  system_metrics=False) as tracker:
         tracker.log_config(config)

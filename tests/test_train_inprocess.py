@@ -16,7 +16,7 @@ from spatialrl.train_batch import ledger_file
 
 def tiny_config(tmp_path, tiny_flux_path, *extra):
     return load_config(
-        "configs/local.yaml",
+        "configs/tiny.yaml",
         [
             f"model.pretrained={tiny_flux_path}",
             f"output_dir={tmp_path / 'run'}",
@@ -143,7 +143,7 @@ def test_the_cli_refuses_an_output_dir_holding_a_run_before_opening_an_mlflow_ru
     ledger.write_bytes(b"an earlier run's ledger")
     database = tmp_path / "mlflow.db"
     argv = [
-        "train", "--backend", "inprocess", "--config", "configs/local.yaml",
+        "train", "--backend", "inprocess", "--config", "configs/tiny.yaml",
         "--set", f"output_dir={tmp_path / 'run'}",
         "--set", f"mlflow.tracking_uri=sqlite:///{database}",
     ]

@@ -22,7 +22,7 @@ from spatialrl.evaluation import (
     sample_eval_images,
     summary_line,
 )
-from spatialrl.flux.loading import load_flux_pipeline
+from spatialrl.flux.loading import load_flux_pipeline, resolve_device
 from spatialrl.flux.lora import add_lora, save_lora
 from spatialrl.grpo.update import TorchOptimization, grpo_update
 from spatialrl.prompts import PromptSource, eval_prompts
@@ -33,12 +33,6 @@ from spatialrl.tracking import Tracker
 from spatialrl.train_batch import build_train_batch, score_groups, write_ledger
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 class InProcessTrainer:

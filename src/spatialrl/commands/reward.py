@@ -81,9 +81,13 @@ def run_package(args: argparse.Namespace) -> int:
     return 0
 
 
+SHIPPED_SPATIALSCORE = "models/spatialscore-shapes"  # relative to the repository root
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="CKPT",
-                        help="SpatialScore checkpoint folder or hub repo (save_pretrained)")
+    parser.add_argument("--model", default=SHIPPED_SPATIALSCORE, metavar="CKPT",
+                        help="SpatialScore checkpoint folder or hub repo (save_pretrained); "
+                        "default: the shipped shapes-world SpatialScore")
     parser.add_argument("--base-model", metavar="QWEN_ID_OR_PATH",
                         help="replace the base model the checkpoint names (e.g. a local copy)")
     parser.add_argument("--batch-size", type=_positive_int, default=8,

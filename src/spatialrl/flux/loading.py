@@ -12,6 +12,13 @@ from spatialrl.config import PolicyModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(name: str) -> str:
+    """A config's device: "auto" is cuda where there is one, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def load_flux_pipeline(cfg: PolicyModelConfig, device: str | torch.device = "cpu") -> FluxPipeline:
     """`FluxPipeline.from_pretrained(cfg.pretrained)` in cfg.dtype on `device`.
 
