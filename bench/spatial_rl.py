@@ -66,12 +66,12 @@ def arm_config(args: argparse.Namespace, arm: str) -> TrainConfig:
     ])
 
 
-def final_images(pipeline, cfg: TrainConfig, prompts: list[str], where: Path) -> np.ndarray:
-    """The policy's ODE samples of the final prompts, [N, H, W, 3] uint8, kept in `where`."""
+def final_images(pipeline, cfg: TrainConfig, prompts: list[str], where: Path) -> str:
+    """The policy's ODE samples of the final prompts, [N, H, W, 3] uint8, saved to `where`;
+    returns that path."""
     images = sample_eval_images(pipeline, prompts, cfg.sampling, seed=cfg.seed)
-    pixels = np.stack([np.asarray(image) for image in images])
-    np.save(where, pixels)
-    return pixels
+    np.save(where, np.stack([np.asarray(image) for image in images]))
+    return str(where)
 
 
 def final_figures(pixels: np.ndarray, prompts: list[str], score) -> dict[str, float]:
@@ -110,8 +110,8 @@ def run_arm(args: argparse.Namespace, arm: str, prompts: list[str]) -> dict:
         "run_seconds": round(train_s, 1),
         "curve": learning_curve(history, images),
         "reward_hacking_suspected": trainer.hacking_watch.tags()["reward_hacking_suspected"],
-        "final_images": str(final_images(trainer.pipeline, cfg, prompts,
-                                         args.work / f"{arm}_final.npy")),
+        "final_images": final_images(trainer.pipeline, cfg, prompts,
+                                     args.work / f"{arm}_final.npy"),
     }
 
 
@@ -127,25 +127,34 @@ def cached(path: Path, compute) -> dict:
 
 
 def plot(result: dict, out: Path) -> None:
+    """Learning curves on the trainer's eval prompts, and the final figures of the base and
+    every arm on the final prompts (another prompt set: the two are not comparable)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4))
     for arm, figures in result["arms"].items():
-        for axis, x in zip(axes, ("images_sampled", "train_seconds"), strict=True):
-            curve = figures["curve"]
+        curve = figures["curve"]
+        for axis, x in zip(axes[:2], ("images_sampled", "train_seconds"), strict=True):
             axis.plot([p[x] for p in curve], [p["all_relations_correct"] for p in curve],
                       marker="o", label=arm)
-    for axis, label in zip(axes, ("images sampled", "training seconds"), strict=True):
-        axis.axhline(result["base"]["all_relations_correct"], color="grey", linestyle="--",
-                     label="base (final prompts)")
+    for axis, label in zip(axes[:2], ("images sampled", "training seconds"), strict=True):
         axis.set_xlabel(label)
+        axis.set_ylabel("all relations correct (eval prompts)")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out: all relations correct")
     axes[1].legend(fontsize=8)
-    figure.suptitle("Filtered GRPO on the shipped shapes generator (rule evaluator)")
+    names = ["base", *result["arms"]]
+    finals = [result["base"], *(a["final"] for a in result["arms"].values())]
+    width = 0.4
+    for offset, key in ((-width / 2, "all_relations_correct"), (width / 2, "readable_objects")):
+        axes[2].bar([i + offset for i in range(len(names))], [f[key] for f in finals], width,
+                    label=key.replace("_", " "))
+    axes[2].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axes[2].set_title(f"{result['final_prompts']} final held-out prompts", fontsize=10)
+    axes[2].legend(fontsize=8)
+    figure.suptitle("Filtered GRPO on the shipped shapes generator, judged by the rule evaluator")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
 
@@ -173,8 +182,8 @@ def main() -> None:
     torch.manual_seed(0)
     prompts = eval_prompts("shapes", args.final_prompts, args.final_seed)
     cfg = arm_config(args, args.arms[0])
-    base = cached(args.work / "base.json", lambda: {"final_images": str(final_images(
-        load_flux_pipeline(cfg.model), cfg, prompts, args.work / "base_final.npy"))})
+    base = cached(args.work / "base.json", lambda: {"final_images": final_images(
+        load_flux_pipeline(cfg.model), cfg, prompts, args.work / "base_final.npy")})
     arms = {arm: cached(args.work / f"{arm}.json", lambda arm=arm: run_arm(args, arm, prompts))
             for arm in args.arms}
     if args.train_only:
