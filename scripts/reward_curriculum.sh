@@ -12,8 +12,8 @@
 #
 # Measured (models/spatialscore-shapes/README.md, the shipped build): 0.893 on the 300
 # held-out shapes pairs the last stage watches, in about 60 min of training on one CPU core
-# beside other work; building the pair sets first takes about 35 min more (24000 shapes pairs
-# at ~40 ms each, 10000 left/right pairs, one core). The left/right and relation stages need
+# beside other work; building the 24000 shapes pairs first took 15 min more on one core (the
+# smaller sets were not timed). The left/right and relation stages need
 # lr 3e-4: at 1e-3 left/right stayed at chance in three tries (bench/README.md).
 set -euo pipefail
 
