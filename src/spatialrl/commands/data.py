@@ -59,8 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompts.add_argument("--out", required=True, type=Path, metavar="FILE",
                          help="parquet file to write (for prompts.source)")
     prompts.add_argument("--n", required=True, type=_positive_int, help="prompts to write")
+    prompts.add_argument("--world", choices=["shapes", "real"], default="shapes",
+                         help="shapes: coloured shapes, 1-3 relations; real: COCO's 80 object "
+                              "classes, 2-3 relations (spatialrl.data.real_world)")
     prompts.add_argument("--split", choices=["train", "test"], default="train",
-                         help="test: only held-out colour/shape combinations; train: none")
+                         help="test: only held-out combinations (colour/shape pairs in the "
+                              "shapes world, class pairs among real objects); train: none")
     prompts.add_argument("--seed", type=int, default=0, help="draws the prompts")
     prompts.set_defaults(func=run_prompts)
 
@@ -124,8 +128,9 @@ def _report_split(split: str, count: int, out: Path, num_perturbed: list[int]) -
 
 def run_prompts(args: argparse.Namespace) -> int:
     from spatialrl.data.shapes import sample_prompts, write_prompts_parquet
+    from spatialrl.data.worlds import WORLDS
 
-    prompts = sample_prompts(args.n, seed=args.seed, split=args.split)
+    prompts = sample_prompts(args.n, seed=args.seed, split=args.split, world=WORLDS[args.world])
     write_prompts_parquet(args.out, prompts, args.split)
-    print(f"{args.split}: {len(prompts)} prompts -> {args.out}")
+    print(f"{args.world} {args.split}: {len(prompts)} prompts -> {args.out}")
     return 0

@@ -1,21 +1,25 @@
-"""Shapes-world prompt grammar: typed scenes, sampling, prompt text and its parser.
+"""Spatial prompt grammar: typed scenes, sampling, prompt text and its parser.
 
 A prompt is a comma-separated list of clauses "<object> <relation> <object>". An object is
 introduced with "a"/"an" (and an optional size) and referred to later with "the":
 
     a red circle to the left of a large blue square, a green triangle above the blue square
 
-Colours are unique within a scene: the evaluator finds objects by colour, so two objects of
-one colour could not be told apart from pixels.
+The words come from a `Vocabulary`: the shapes world's coloured shapes (the default) or real
+objects (spatialrl.data.real_world: "a small brown dog on a red couch"). A vocabulary also says
+which attribute tells a scene's objects apart in an image: in the shapes world colours are
+unique within a scene (the evaluator finds objects by colour), among real objects classes are
+(a detector finds objects by class).
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Literal
 
 import numpy as np
 
@@ -86,19 +90,54 @@ ORDERING = {
 }
 
 
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """The words a world's prompts are made of. One object per world: compared by identity."""
+
+    name: str
+    colours: tuple[str, ...]
+    nouns: tuple[str, ...]  # shapes, or object classes (may be several words: "hot dog")
+    noun_kind: str  # what a noun is called in error messages: "shape", "object"
+    # The (colour, noun) pairs objects are drawn from; colour None names the noun alone.
+    combos: tuple[tuple[str | None, str], ...]
+    # The attribute that tells a scene's objects apart in an image: unique within a scene.
+    distinct_by: Literal["colour", "noun"]
+    # Nouns whose outline has no dents of its own (see `why_unsatisfiable`).
+    convex_nouns: frozenset[str]
+    # A noun's physical size class: "A on B" needs A's class at most B's. Empty: no check.
+    size_class: Mapping[str, int] = field(default_factory=dict)
+    # A sampled object's size word is drawn uniformly from these (None: no size word).
+    size_choices: tuple[str | None, ...] = (None, None, "small", "large")
+
+    @property
+    def colour_optional(self) -> bool:
+        return any(colour is None for colour, _ in self.combos)
+
+
+SHAPES_VOCABULARY = Vocabulary(
+    name="shapes",
+    colours=tuple(COLOURS),
+    nouns=SHAPES,
+    noun_kind="shape",
+    combos=tuple(itertools.product(COLOURS, SHAPES)),
+    distinct_by="colour",
+    convex_nouns=CONVEX_SHAPES,
+)
+
+
 @dataclass(frozen=True)
 class SceneObject:
-    colour: str
-    shape: str
+    colour: str | None  # None: named by its noun alone (real objects only)
+    shape: str  # the noun: a shape, or a real object's class
     size: str | None = None  # "small", "large" or None (medium)
 
     @property
-    def identity(self) -> tuple[str, str]:
+    def identity(self) -> tuple[str | None, str]:
         return (self.colour, self.shape)
 
     def noun_phrase(self, first_mention: bool) -> str:
         if not first_mention:
-            return f"the {self.colour} {self.shape}"
+            return " ".join(w for w in ("the", self.colour, self.shape) if w)
         words = " ".join(w for w in (self.size, self.colour, self.shape) if w)
         return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
@@ -114,6 +153,7 @@ class Relation:
 class Scene:
     objects: tuple[SceneObject, ...]
     relations: tuple[Relation, ...]
+    vocabulary: Vocabulary = field(default=SHAPES_VOCABULARY, repr=False)
 
     def __post_init__(self) -> None:
         problem = _structural_problem(self)
@@ -125,14 +165,19 @@ def _structural_problem(scene: Scene) -> str | None:
     """Well-formedness that every scene needs, satisfiable or not."""
     if not scene.relations:
         return "a scene needs at least one relation"
+    vocabulary = scene.vocabulary
     for obj in scene.objects:
-        if obj.colour not in COLOURS or obj.shape not in SHAPES:
+        colour_known = obj.colour in vocabulary.colours or (
+            obj.colour is None and vocabulary.colour_optional)
+        if not colour_known or obj.shape not in vocabulary.nouns:
             return f"unknown object {obj.colour} {obj.shape}"
         if obj.size is not None and obj.size not in SIZES:
             return f"unknown size {obj.size!r}"
-    colours = [o.colour for o in scene.objects]
-    if len(set(colours)) != len(colours):
-        return f"colours must be unique within a scene, got {colours}"
+    distinct = [o.colour if vocabulary.distinct_by == "colour" else o.shape
+                for o in scene.objects]
+    if len(set(distinct)) != len(distinct):
+        plural = "colours" if vocabulary.distinct_by == "colour" else "objects' classes"
+        return f"{plural} must be unique within a scene, got {distinct}"
     pairs = set()
     for rel in scene.relations:
         ends = (rel.subject_index, rel.object_index)
@@ -158,11 +203,13 @@ def why_unsatisfiable(scene: Scene) -> str | None:
       contacts pins the objects down too tightly for most extra constraints);
     - no object lies strictly between two touching objects along an axis;
     - two stars are never depth-ordered (their own dents hide the dent that tells which one
-      covers the other).
+      covers the other);
+    - among real objects, nothing rests on a smaller kind of thing (no bus on a cup).
     """
     resting_on: set[int] = set()
     carrying: set[int] = set()
     covered: set[int] = set()
+    size_class = scene.vocabulary.size_class
     for rel in scene.relations:
         if rel.predicate in (Predicate.ON, Predicate.UNDER):
             top, bottom = _top_bottom(rel)
@@ -170,9 +217,12 @@ def why_unsatisfiable(scene: Scene) -> str | None:
                 return "an object rests on, or carries, more than one object"
             resting_on.add(top)
             carrying.add(bottom)
+            nouns = (scene.objects[top].shape, scene.objects[bottom].shape)
+            if size_class and size_class[nouns[0]] > size_class[nouns[1]]:
+                return f"a {nouns[0]} cannot rest on a smaller kind of thing ({nouns[1]})"
         if rel.predicate in (Predicate.IN_FRONT_OF, Predicate.BEHIND):
             ends = (scene.objects[rel.subject_index], scene.objects[rel.object_index])
-            if not any(o.shape in CONVEX_SHAPES for o in ends):
+            if not any(o.shape in scene.vocabulary.convex_nouns for o in ends):
                 return "two stars in a depth relation"
             back = rel.object_index if rel.predicate is Predicate.IN_FRONT_OF else rel.subject_index
             if back in covered:
@@ -242,7 +292,8 @@ def canonicalize(scene: Scene) -> Scene:
             if i not in order:
                 order.append(i)
     new_index = {old: new for new, old in enumerate(order)}
-    return Scene(
+    return replace(
+        scene,
         objects=tuple(scene.objects[i] for i in order),
         relations=tuple(
             Relation(new_index[r.subject_index], r.predicate, new_index[r.object_index])
@@ -271,7 +322,7 @@ def relations_to_text(objects: Sequence[SceneObject], relations: Sequence[Relati
     return ", ".join(clauses)
 
 
-def parse_prompt(text: str) -> Scene:
+def parse_prompt(text: str, vocabulary: Vocabulary = SHAPES_VOCABULARY) -> Scene:
     """The scene a prompt describes; ValueError naming the fragment that does not parse.
 
     Accepts the generated form plus harmless variations: any case, extra spaces, a final
@@ -284,20 +335,17 @@ def parse_prompt(text: str) -> Scene:
     objects: list[SceneObject] = []
     relations = []
     for clause in clauses:
-        tokens = clause.split()
-        subject, rest = _parse_noun_phrase(tokens, clause)
-        object_length = 4 if len(rest) >= 4 and rest[-3] in SIZES else 3
-        if len(rest) < object_length + 1:
+        subject, rest = _parse_noun_phrase(clause.split(), clause, vocabulary)
+        predicate, rest = _parse_predicate(rest, clause)
+        if not rest:
             raise ValueError(f"clause {clause!r} needs '<object> <relation> <object>'")
-        relation_words = " ".join(rest[:-object_length])
-        predicate = _PREDICATE_BY_PHRASE.get(relation_words)
-        if predicate is None:
-            raise ValueError(f"unknown relation {relation_words!r} in clause {clause!r}")
-        obj, _ = _parse_noun_phrase(rest[-object_length:], clause)
+        obj, extra = _parse_noun_phrase(rest, clause, vocabulary)
+        if extra:
+            raise ValueError(f"unexpected {' '.join(extra)!r} at the end of clause {clause!r}")
         indices = [_resolve(noun, objects, clause) for noun in (subject, obj)]
         relations.append(Relation(indices[0], predicate, indices[1]))
     try:
-        return Scene(tuple(objects), tuple(relations))
+        return Scene(tuple(objects), tuple(relations), vocabulary)
     except ValueError as err:
         raise ValueError(f"prompt {text!r}: {err}") from None
 
@@ -306,30 +354,63 @@ def parse_prompt(text: str) -> Scene:
 class _NounPhrase:
     definite: bool
     size: str | None
-    colour: str
+    colour: str | None
     shape: str
 
 
-def _parse_noun_phrase(tokens: list[str], clause: str) -> tuple[_NounPhrase, list[str]]:
+# Longest phrase first, so "to the left of" is tried before a shorter phrase it starts with.
+_PREDICATE_WORDS = sorted(((tuple(phrase.split()), p) for phrase, p in
+                           _PREDICATE_BY_PHRASE.items()), key=lambda item: -len(item[0]))
+
+
+def _parse_predicate(tokens: list[str], clause: str) -> tuple[Predicate, list[str]]:
+    for words, predicate in _PREDICATE_WORDS:
+        if tuple(tokens[:len(words)]) == words:
+            return predicate, tokens[len(words):]
+    unknown = list(itertools.takewhile(lambda t: t not in ARTICLES, tokens))
+    if not tokens:
+        raise ValueError(f"clause {clause!r} needs '<object> <relation> <object>'")
+    raise ValueError(f"unknown relation {' '.join(unknown)!r} in clause {clause!r}")
+
+
+def _parse_noun_phrase(
+    tokens: list[str], clause: str, vocabulary: Vocabulary
+) -> tuple[_NounPhrase, list[str]]:
+    """The noun phrase at the start of `tokens` and the tokens after it."""
     if not tokens or tokens[0] not in ARTICLES:
         got = tokens[0] if tokens else "nothing"
         raise ValueError(f"expected 'a', 'an' or 'the', got {got!r} in clause {clause!r}")
     rest = tokens[1:]
     size = rest.pop(0) if rest and rest[0] in SIZES else None
-    if len(rest) < 2:
+    if not rest:
         raise ValueError(f"incomplete object in clause {clause!r}")
-    colour, shape = rest[0], rest[1]
-    if colour not in COLOURS:
-        raise ValueError(f"unknown colour {colour!r} in clause {clause!r}")
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r} in clause {clause!r}")
-    return _NounPhrase(tokens[0] == "the", size, colour, shape), rest[2:]
+    colour = rest[0] if rest[0] in vocabulary.colours else None
+    if colour is None and not vocabulary.colour_optional:
+        raise ValueError(f"unknown colour {rest[0]!r} in clause {clause!r}")
+    noun_words = rest[1:] if colour else rest
+    noun = _noun_at(noun_words, vocabulary)
+    if noun is None and colour and vocabulary.colour_optional:
+        # A colour word may itself be a noun ("an orange above a cup").
+        colour, noun_words, noun = None, rest, _noun_at(rest, vocabulary)
+        if noun is None:
+            noun_words = rest[1:]
+    if noun is None:
+        unknown = noun_words[0] if noun_words else "nothing"
+        raise ValueError(f"unknown {vocabulary.noun_kind} {unknown!r} in clause {clause!r}")
+    return (_NounPhrase(tokens[0] == "the", size, colour, noun),
+            noun_words[len(noun.split()):])
+
+
+def _noun_at(tokens: list[str], vocabulary: Vocabulary) -> str | None:
+    """The longest noun of the vocabulary that `tokens` start with, or None."""
+    matches = [n for n in vocabulary.nouns if tokens[:len(n.split())] == n.split()]
+    return max(matches, key=len, default=None)
 
 
 def _resolve(noun: _NounPhrase, objects: list[SceneObject], clause: str) -> int:
     """Index of the object a noun phrase names, adding it on its first mention."""
     known = [i for i, o in enumerate(objects) if o.identity == (noun.colour, noun.shape)]
-    name = f"{noun.colour} {noun.shape}"
+    name = " ".join(w for w in (noun.colour, noun.shape) if w)
     if noun.definite:
         if not known:
             raise ValueError(f"'the {name}' in clause {clause!r} was not introduced before")
@@ -350,15 +431,17 @@ def sample_scene(
     rng: np.random.Generator,
     num_objects: int | tuple[int, int] = (2, 3),
     num_relations: int | tuple[int, int] = (1, 3),
-    allowed_combos: Collection[tuple[str, str]] | None = None,
+    allowed_combos: Collection[tuple[str | None, str]] | None = None,
     max_tries: int = 1000,
+    vocabulary: Vocabulary = SHAPES_VOCABULARY,
 ) -> Scene:
-    """A random satisfiable scene in canonical order (ranges are inclusive).
+    """A random satisfiable scene in canonical order (ranges are inclusive), its objects
+    drawn from `allowed_combos` (default: all of the vocabulary's).
 
     Every object takes part in a relation and each pair of objects has at most one, so
     k objects carry between k - 1 and k (k - 1) / 2 relations.
     """
-    combos = sorted(allowed_combos or itertools.product(COLOURS, SHAPES))
+    combos = sorted(allowed_combos or vocabulary.combos, key=lambda c: (c[0] or "", c[1]))
     object_range, relation_range = _as_range(num_objects), _as_range(num_relations)
     for _ in range(max_tries):
         count = int(rng.integers(object_range[0], object_range[1] + 1))
@@ -366,7 +449,7 @@ def sample_scene(
         high = min(relation_range[1], count * (count - 1) // 2)
         if low > high:
             continue
-        objects = _sample_objects(rng, combos, count)
+        objects = _sample_objects(rng, combos, count, vocabulary)
         if objects is None:
             continue
         pairs = list(itertools.combinations(range(count), 2))
@@ -376,7 +459,7 @@ def sample_scene(
             a, b = pairs[p] if rng.random() < 0.5 else pairs[p][::-1]
             relations.append(Relation(a, list(Predicate)[rng.integers(len(Predicate))], b))
         try:
-            scene = canonicalize(Scene(objects, tuple(relations)))
+            scene = canonicalize(Scene(objects, tuple(relations), vocabulary))
         except ValueError:  # two relations left an object out
             continue
         if is_satisfiable(scene):
@@ -388,13 +471,20 @@ def sample_scene(
 
 
 def _sample_objects(
-    rng: np.random.Generator, combos: Sequence[tuple[str, str]], count: int
+    rng: np.random.Generator,
+    combos: Sequence[tuple[str | None, str]],
+    count: int,
+    vocabulary: Vocabulary,
 ) -> tuple[SceneObject, ...] | None:
     picked = [combos[i] for i in rng.permutation(len(combos))]
     objects: list[SceneObject] = []
     for colour, shape in picked:
-        if all(o.colour != colour for o in objects):
-            size = (None, None, "small", "large")[rng.integers(4)]
+        if vocabulary.distinct_by == "colour":
+            fresh = all(o.colour != colour for o in objects)
+        else:
+            fresh = all(o.shape != shape for o in objects)
+        if fresh:
+            size = vocabulary.size_choices[rng.integers(len(vocabulary.size_choices))]
             objects.append(SceneObject(colour, shape, size))
         if len(objects) == count:
             return tuple(objects)

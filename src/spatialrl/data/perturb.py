@@ -9,6 +9,7 @@ original, so a render of the perturbed scene breaks exactly n relations of the o
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def perturb(scene: Scene, n: int, rng: np.random.Generator) -> tuple[Scene, int]
         relations = list(scene.relations)
         for i in subsets[pick]:
             relations[i] = _reverse(relations[i], rng)
-        perturbed = Scene(scene.objects, tuple(relations))
+        perturbed = replace(scene, relations=tuple(relations))
         if is_satisfiable(perturbed):
             return canonicalize(perturbed), n
     raise PerturbError(f"no satisfiable scene changes {n} relations of {scene}")

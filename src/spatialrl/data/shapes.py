@@ -2,11 +2,16 @@
 
 The test split tests generalisation to unseen (colour, shape) combinations: train scenes never
 contain a held-out combination, and every test scene contains at least one.
+
+Prompt sets and perturbed scenes are drawn the same way in every `PromptWorld`: the shapes
+world here, real objects in spatialrl.data.real_world.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,7 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from spatialrl.data.grammar import COLOURS, SHAPES, Scene, sample_scene, scene_to_prompt
+from spatialrl.data.grammar import (
+    COLOURS,
+    SHAPES,
+    SHAPES_VOCABULARY,
+    Scene,
+    Vocabulary,
+    sample_scene,
+    scene_to_prompt,
+)
 from spatialrl.data.pairs import SPLITS, PreferencePair, png_bytes
 from spatialrl.data.perturb import PerturbError, perturb
 from spatialrl.data.render import LayoutError, render
@@ -42,7 +55,7 @@ class ShapesPairs(NamedTuple):
     test: list[PreferencePair]
 
 
-def _split_code(split: str) -> int:
+def split_code(split: str) -> int:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     return SPLITS.index(split)
@@ -56,7 +69,7 @@ def sample_split_scene(
 ) -> Scene:
     """A random scene that belongs to `split` ("train" or "test")."""
     counts = {"num_objects": num_objects, "num_relations": num_relations}
-    if _split_code(split) == _split_code("train"):
+    if split_code(split) == split_code("train"):
         return sample_scene(rng, **counts, allowed_combos=TRAIN_COMBOS)
     while True:
         scene = sample_scene(rng, **counts)
@@ -64,15 +77,37 @@ def sample_split_scene(
             return scene
 
 
-def sample_prompts(n: int, seed: int = 0, split: str = "train") -> list[str]:
+@dataclass(frozen=True)
+class PromptWorld:
+    """What a prompt set is drawn from: a vocabulary, how a scene of a split is sampled and
+    the world's ranges of relations and objects per prompt."""
+
+    vocabulary: Vocabulary
+    sample_split_scene: Callable[..., Scene]  # (rng, split, num_relations, num_objects)
+    num_relations: tuple[int, int]
+    num_objects: tuple[int, int]
+
+    def sample(self, rng: np.random.Generator, split: str, min_relations: int = 1) -> Scene:
+        """A scene of `split` with at least `min_relations` relations."""
+        low, high = self.num_relations
+        return self.sample_split_scene(rng, split, num_relations=(max(low, min_relations), high),
+                                       num_objects=self.num_objects)
+
+
+SHAPES_WORLD = PromptWorld(SHAPES_VOCABULARY, sample_split_scene, (1, 3), (2, 3))
+
+
+def sample_prompts(
+    n: int, seed: int = 0, split: str = "train", world: PromptWorld = SHAPES_WORLD
+) -> list[str]:
     """n prompts for RL (rollout or evaluation), reproducible from the seed."""
-    rng = np.random.default_rng([seed, _split_code(split)])
-    return [scene_to_prompt(sample_split_scene(rng, split)) for _ in range(n)]
+    rng = np.random.default_rng([seed, split_code(split)])
+    return [scene_to_prompt(world.sample(rng, split)) for _ in range(n)]
 
 
 def write_prompts_parquet(path: str | Path, prompts: list[str], split: str) -> None:
     """A prompt file for RL: columns `prompt` and `split`."""
-    _split_code(split)
+    split_code(split)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({"prompt": prompts, "split": [split] * len(prompts)})
@@ -102,7 +137,7 @@ def split_sizes(n: int, test_fraction: float) -> dict[str, int]:
 
 def pair_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """One generator per pair: a pair does not depend on how many others are built."""
-    return np.random.default_rng([seed, _split_code(split), index])
+    return np.random.default_rng([seed, split_code(split), index])
 
 
 def pair_num_perturbed(index: int) -> int:
@@ -111,11 +146,11 @@ def pair_num_perturbed(index: int) -> int:
 
 
 def sample_perturbed_scene(
-    rng: np.random.Generator, split: str, num_perturbed: int
+    rng: np.random.Generator, split: str, num_perturbed: int, world: PromptWorld = SHAPES_WORLD
 ) -> tuple[Scene, Scene]:
     """(scene of `split`, the scene with num_perturbed relations reversed)."""
     while True:
-        scene = sample_split_scene(rng, split, num_relations=(num_perturbed, 3))
+        scene = world.sample(rng, split, min_relations=num_perturbed)
         try:
             return scene, perturb(scene, num_perturbed, rng)[0]
         except PerturbError:  # too few reversible relations
