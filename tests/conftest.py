@@ -30,6 +30,11 @@ def tiny_flux_path(tiny_models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_owlv2_path(tiny_models_dir) -> Path:
+    return tiny_models_dir / "owlv2"
+
+
+@pytest.fixture(scope="session")
 def tiny_spatialscore_path(tiny_models_dir, tmp_path_factory) -> Path:
     """A random SpatialScore checkpoint (save_pretrained folder) on the tiny Qwen2.5-VL."""
     import torch

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from spatialrl.errors import InputError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from spatialrl.data.curriculum import CURRICULUM_TASKS
@@ -40,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="hub id or local folder that DiffusionPipeline.from_pretrained loads")
     pairs.add_argument("--out", required=True, type=Path, metavar="DIR",
                        help="folder for train.parquet and test.parquet")
-    pairs.add_argument("--n", required=True, type=_positive_int, help="pairs in total")
+    pairs.add_argument("--n", required=True, type=_positive_int,
+                       help="pairs generated in total (before verification drops some)")
     pairs.add_argument("--steps", type=_positive_int, default=28, help="denoising steps")
     pairs.add_argument("--size", type=_positive_int, default=512, help="image side in pixels")
     pairs.add_argument("--seed", type=int, default=0, help="draws the prompts and the noise")
@@ -50,6 +53,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pairs.add_argument("--batch-size", type=_positive_int, default=4,
                        help="pairs per pipeline call")
+    pairs.add_argument("--world", choices=["shapes", "real"], default="shapes",
+                       help="the prompts: coloured shapes, or real objects (COCO classes)")
+    pairs.add_argument(
+        "--verifier", choices=["auto", "rules", "detector", "none"], default="auto",
+        help="keep a pair only if its preferred image satisfies the prompt and its rejected "
+             "one does not, judged by the rule evaluator (rules: shapes world only) or a "
+             "zero-shot detector plus the same rules for the 2-D relations (detector); auto: "
+             "rules for shapes, detector for real objects. Verdicts: DIR/verification.parquet",
+    )
+    pairs.add_argument("--detector", default="google/owlv2-base-patch16-ensemble",
+                       help="OWLv2 hub id or local folder for --verifier detector")
+    pairs.add_argument("--detector-threshold", type=_fraction, default=0.2,
+                       help="lowest detector score that counts as finding an object")
     pairs.add_argument("--device", help="default: cuda if available, else cpu")
     pairs.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                        help="default: bfloat16 on cuda, float32 on cpu")
@@ -105,19 +121,52 @@ def run_pairs(args: argparse.Namespace) -> int:
 
     from spatialrl.data.generated import generate_pairs, load_generator, sample_prompt_pairs
     from spatialrl.data.pairs import SPLITS, write_pairs
+    from spatialrl.data.verify import write_verdicts
+    from spatialrl.data.worlds import WORLDS
 
-    prompt_pairs = sample_prompt_pairs(args.n, args.model, args.seed, args.test_fraction)
+    world = WORLDS[args.world]
+    prompt_pairs = sample_prompt_pairs(args.n, args.model, args.seed, args.test_fraction, world)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    verifier = _pair_verifier(args, device)  # before the pipeline: a bad detector fails fast
     pipeline = load_generator(args.model, dtype, device)
     for split in SPLITS:
         chosen = [p for p in prompt_pairs if p.split == split]
         records = generate_pairs(
             pipeline, chosen, args.model, args.size, args.steps, args.batch_size
         )
-        count = write_pairs(args.out / f"{split}.parquet", records)
+        count = write_pairs(args.out / f"{split}.parquet",
+                            verifier.keep(records) if verifier else records)
+        if verifier:
+            kept = {v.pair_id for v in verifier.verdicts if v.kept}
+            chosen = [p for p in chosen if p.pair_id in kept]
+            print(f"{split}: verification dropped {verifier.dropped_by_reason(split)}")
         _report_split(split, count, args.out, [p.num_perturbed for p in chosen])
+    if verifier:
+        write_verdicts(args.out / "verification.parquet", verifier.verdicts)
     return 0
+
+
+def _pair_verifier(args: argparse.Namespace, device: str):
+    """The PairVerifier that --verifier names for --world, or None."""
+    from spatialrl.data.judge import ColourLocator
+    from spatialrl.data.verify import PairVerifier
+    from spatialrl.data.worlds import WORLDS
+
+    kind = args.verifier
+    if kind == "auto":
+        kind = "rules" if args.world == "shapes" else "detector"
+    if kind == "none":
+        return None
+    if kind == "rules":
+        if args.world != "shapes":
+            raise InputError("--verifier rules reads shapes by colour: use it with --world shapes")
+        locator = ColourLocator()
+    else:
+        from spatialrl.detection import OwlDetector
+
+        locator = OwlDetector.from_pretrained(args.detector, device, args.detector_threshold)
+    return PairVerifier(locator, WORLDS[args.world].vocabulary)
 
 
 def _report_split(split: str, count: int, out: Path, num_perturbed: list[int]) -> None:

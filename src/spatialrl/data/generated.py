@@ -1,11 +1,13 @@
-"""Preference pairs from any text-to-image generator: a shapes-world prompt, the same prompt
-with 1-3 relations reversed (the perturber), and an image of each from a diffusers pipeline
-(FLUX, Qwen-Image, ...; anything `DiffusionPipeline.from_pretrained` loads).
+"""Preference pairs from any text-to-image generator: a shapes-world or real-object prompt, the
+same prompt with 1-3 relations reversed (the perturber), and an image of each from a diffusers
+pipeline (FLUX, Qwen-Image, ...; anything `DiffusionPipeline.from_pretrained` loads).
 
 Both images of a pair start from the same seed, so the same initial noise: they differ by
 what their prompts say. Pairs use the spatialrl.data.pairs schema, with source = the model
-id and the split by the grammar's held-out (colour, shape) combinations, as `data shapes`.
-Unlike shapes-world renders, a generator's images are not checked against their prompts.
+id and the split by the world's held-out combinations (colour/shape pairs as `data shapes`,
+or class pairs among real objects).
+A generator's images may not show what their prompts say: `spatialrl data pairs` passes them
+through a verifier (spatialrl.data.verify) that keeps the pairs whose images do.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from diffusers import DiffusionPipeline
 from spatialrl.data.grammar import scene_to_prompt
 from spatialrl.data.pairs import PreferencePair, png_bytes
 from spatialrl.data.shapes import (
+    SHAPES_WORLD,
+    PromptWorld,
     pair_num_perturbed,
     pair_rng,
     sample_perturbed_scene,
@@ -52,17 +56,18 @@ def load_generator(model: str, dtype: str = "float32", device: str = "cpu") -> D
 
 
 def sample_prompt_pairs(
-    n: int, source: str, seed: int = 0, test_fraction: float = 0.2
+    n: int, source: str, seed: int = 0, test_fraction: float = 0.2,
+    world: PromptWorld = SHAPES_WORLD,
 ) -> list[PromptPair]:
-    """n (prompt, perturbed prompt) pairs, 1, 2 and 3 relations perturbed in equal shares,
-    train pairs first; pair ids are "<model name>-<seed>-<split>-<index>"."""
+    """n (prompt, perturbed prompt) pairs of `world`, 1, 2 and 3 relations perturbed in equal
+    shares, train pairs first; pair ids are "<model name>-<seed>-<split>-<index>"."""
     name = Path(source).name
     pairs = []
     for split, count in split_sizes(n, test_fraction).items():
         for index in range(count):
             rng = pair_rng(seed, split, index)
             num_perturbed = pair_num_perturbed(index)
-            scene, perturbed = sample_perturbed_scene(rng, split, num_perturbed)
+            scene, perturbed = sample_perturbed_scene(rng, split, num_perturbed, world)
             pairs.append(
                 PromptPair(
                     prompt=scene_to_prompt(scene),
