@@ -1,16 +1,19 @@
-"""Policy evaluation: deterministic ODE samples on held-out prompts, scored by the reward
-and, for shapes-world prompts, by the rule evaluator that reads relations from pixels."""
+"""Policy evaluation: deterministic ODE samples on held-out prompts, scored by the reward and by
+a judge that reads relations from pixels: the rule evaluator for shapes-world prompts, a
+detector for real objects (`position_figures` takes either, spatialrl.data.judge)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
 
 from spatialrl.config import SamplingConfig
-from spatialrl.data.evaluate import evaluate
+from spatialrl.data.geometry import relation_holds
 from spatialrl.data.grammar import CONVERSE, Relation, Scene, parse_prompt, scene_to_prompt
+from spatialrl.data.judge import ColourLocator, Judgement, ObjectLocator, RelationRule, judge
 from spatialrl.flux.sampler import sample
 from spatialrl.rewards import RewardOutput, shapes_soft
 from spatialrl.rollout import rollout_seed
@@ -42,10 +45,10 @@ def eval_metrics(
     well the reward orders the images as the rule evaluator does."""
     metrics = {"eval/reward_mean": float(scores.mu.mean())}
     if shapes_world:
-        results = [evaluate(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
-        accuracy = np.array([r.accuracy for r in results])
-        metrics |= {f"eval/{name}": value
-                    for name, value in _figures(images, prompts, results).items()}
+        scenes = [parse_prompt(prompt) for prompt in prompts]
+        judged = judge_images(images, scenes, ColourLocator())
+        accuracy = np.array([_accuracy(j) for j, _ in judged])
+        metrics |= {f"eval/{name}": value for name, value in _figures(scenes, judged).items()}
         metrics["eval/relation_accuracy_se"] = float(accuracy.std() / np.sqrt(len(accuracy)))
         metrics["eval/soft_relation_score"] = float(shapes_soft(images, prompts).mu.mean())
         metrics["eval/reward_rule_agreement"] = pairwise_agreement(scores.mu.numpy(), accuracy)
@@ -117,36 +120,66 @@ class RewardHackingWatch:
 def reversed_prompt(prompt: str) -> str:
     """The prompt with every relation stating its opposite ("next to" has none and stays):
     how often an image satisfies it is the chance level of getting all relations right."""
-    scene = parse_prompt(prompt)
+    return scene_to_prompt(reversed_scene(parse_prompt(prompt)))
+
+
+def reversed_scene(scene: Scene) -> Scene:
     relations = tuple(
         Relation(r.subject_index, CONVERSE[r.predicate], r.object_index) for r in scene.relations
     )
-    return scene_to_prompt(Scene(scene.objects, relations))
+    return replace(scene, relations=relations)
 
 
 def rule_figures(images: list[Image.Image], prompts: list[str]) -> dict[str, float]:
-    """What the rule evaluator reads from a generator's images of shapes-world prompts:
-    every named object readable, every relation right, the fraction of relations right, and
-    the chance reference (every relation reversed, yet all hold)."""
-    results = [evaluate(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
-    return _figures(images, prompts, results)
+    """What the rule evaluator reads from a generator's images of shapes-world prompts."""
+    return position_figures(images, [parse_prompt(p) for p in prompts], ColourLocator())
 
 
-def _figures(images: list[Image.Image], prompts: list[str], results: list) -> dict[str, float]:
-    reversed_results = [
-        evaluate(image, reversed_prompt(prompt))
-        for image, prompt in zip(images, prompts, strict=True)
-    ]
+def position_figures(
+    images: list[Image.Image],
+    scenes: list[Scene],
+    locator: ObjectLocator,
+    rule: RelationRule = relation_holds,
+) -> dict[str, float]:
+    """What a judge reads from a generator's images: every named object found, every relation
+    it can check right, the fraction of those right, per relation, and the chance reference
+    (every relation reversed, yet all hold). `checkable_relations` is the share of relations
+    the judge can check at all (1 for the rule evaluator; boxes tell no depth or support)."""
+    return _figures(scenes, judge_images(images, scenes, locator, rule))
+
+
+def judge_images(
+    images: list[Image.Image],
+    scenes: list[Scene],
+    locator: ObjectLocator,
+    rule: RelationRule = relation_holds,
+) -> list[tuple[Judgement, Judgement]]:
+    """(judgement of each image, of the same objects against the reversed scene)."""
+    located = locator.locate(images, scenes)
+    return [(judge(objects, scene, locator.checkable, rule),
+             judge(objects, reversed_scene(scene), locator.checkable, rule))
+            for objects, scene in zip(located, scenes, strict=True)]
+
+
+def _accuracy(judged: Judgement) -> float:
+    """The fraction of the relations that can be checked that hold; NaN if none can."""
+    return float(np.mean(judged.checked)) if judged.checked else float("nan")
+
+
+def _figures(scenes: list[Scene], judged: list[tuple[Judgement, Judgement]]
+             ) -> dict[str, float]:
     by_predicate: dict[str, list[bool]] = {}
-    for prompt, result in zip(prompts, results, strict=True):
-        for relation, holds in zip(parse_prompt(prompt).relations, result.per_relation,
-                                   strict=True):
-            by_predicate.setdefault(relation.predicate.value, []).append(holds)
+    for scene, (judgement, _) in zip(scenes, judged, strict=True):
+        for relation, holds in zip(scene.relations, judgement.per_relation, strict=True):
+            if holds is not None:
+                by_predicate.setdefault(relation.predicate.value, []).append(holds)
+    per_relation = [h for judgement, _ in judged for h in judgement.per_relation]
     return {
-        "readable_objects": float(np.mean([all(r.objects_found) for r in results])),
-        "all_relations_correct": float(np.mean([r.all_correct for r in results])),
-        "relation_accuracy": float(np.mean([r.accuracy for r in results])),
-        "all_reversed_relations_hold": float(np.mean([r.all_correct for r in reversed_results])),
+        "readable_objects": float(np.mean([all(j.objects_found) for j, _ in judged])),
+        "all_relations_correct": float(np.mean([j.satisfied for j, _ in judged])),
+        "relation_accuracy": float(np.nanmean([_accuracy(j) for j, _ in judged])),
+        "all_reversed_relations_hold": float(np.mean([r.satisfied for _, r in judged])),
+        "checkable_relations": float(np.mean([h is not None for h in per_relation])),
     } | {f"relation/{name}": float(np.mean(held)) for name, held in sorted(by_predicate.items())}
 
 
