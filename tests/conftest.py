@@ -50,6 +50,18 @@ def tiny_spatialscore_path(tiny_models_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_flux_lora_path(tiny_flux_path, tmp_path_factory) -> Path:
     """A save_lora folder for the tiny FLUX whose adapter changes the images (B != 0)."""
+    return _random_lora(tiny_flux_path, tmp_path_factory.mktemp("flux-lora"), scale=0.5)
+
+
+@pytest.fixture(scope="session")
+def shapes_flux_lora_path(tmp_path_factory) -> Path:
+    """A random LoRA for the shipped models/shapes-flux, small enough that its objects stay
+    mostly readable."""
+    generator = Path(__file__).resolve().parents[1] / "models" / "shapes-flux"
+    return _random_lora(generator, tmp_path_factory.mktemp("shapes-flux-lora"), scale=0.05)
+
+
+def _random_lora(model: Path, out: Path, scale: float) -> Path:
     import torch
 
     from spatialrl.config import LoraConfig, PolicyModelConfig
@@ -57,14 +69,14 @@ def tiny_flux_lora_path(tiny_flux_path, tmp_path_factory) -> Path:
     from spatialrl.flux.lora import add_lora, save_lora
 
     pipeline = load_flux_pipeline(PolicyModelConfig(
-        pretrained=str(tiny_flux_path), dtype="float32", gradient_checkpointing=False))
+        pretrained=str(model), dtype="float32", gradient_checkpointing=False))
     add_lora(pipeline.transformer, LoraConfig(rank=4, alpha=8))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in pipeline.transformer.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    return save_lora(pipeline, tmp_path_factory.mktemp("flux-lora"))
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return save_lora(pipeline, out)
 
 
 _exit_status: list[int] = []

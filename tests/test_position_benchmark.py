@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spatialrl.cli import main
-from spatialrl.config import LoraConfig, PolicyModelConfig, SamplingConfig
+from spatialrl.config import PolicyModelConfig, SamplingConfig
 from spatialrl.data.evaluate import evaluate
 from spatialrl.data.grammar import Predicate, Relation, SceneObject
 from spatialrl.data.judge import geneval_relation_holds
@@ -19,7 +19,6 @@ from spatialrl.data.shapes import build_shapes_pairs, sample_prompts
 from spatialrl.errors import InputError
 from spatialrl.evaluation import reversed_prompt, rule_figures, sample_eval_images
 from spatialrl.flux.loading import load_flux_pipeline
-from spatialrl.flux.lora import add_lora, save_lora
 from spatialrl.position_benchmark import read_benchmark, read_geneval_positions
 
 GENERATOR = Path(__file__).resolve().parents[1] / "models" / "shapes-flux"
@@ -97,19 +96,12 @@ def _assert_rule_evaluator_figures(figures, images, prompts):
     assert figures["checkable_relations"] == 1.0
 
 
-def test_eval_policy_on_the_shipped_generator_before_and_after_a_lora(tmp_path):
+def test_eval_policy_on_the_shipped_generator_before_and_after_a_lora(
+    shapes_flux_lora_path, tmp_path
+):
     """eval-policy's shapes figures for models/shapes-flux and for it with a LoRA are the rule
     evaluator's reading of the same ODE samples."""
-    pipeline = load_flux_pipeline(PolicyModelConfig(pretrained=str(GENERATOR), dtype="float32",
-                                                    gradient_checkpointing=False))
-    add_lora(pipeline.transformer, LoraConfig(rank=4, alpha=8))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in pipeline.transformer.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    lora = save_lora(pipeline, tmp_path / "lora")
-
+    lora = shapes_flux_lora_path
     out = tmp_path / "figures.json"
     assert main(["eval-policy", "--model", str(GENERATOR), "--lora", str(lora), "--prompts",
                  "12", "--num-steps", "8", "--batch-size", "12", "--out", str(out)]) == 0
