@@ -128,7 +128,8 @@ def run_pairs(args: argparse.Namespace) -> int:
     prompt_pairs = sample_prompt_pairs(args.n, args.model, args.seed, args.test_fraction, world)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
-    verifier = _pair_verifier(args, device)  # before the pipeline: a bad detector fails fast
+    # Before the pipeline: a bad detector fails fast.
+    verifier = _pair_verifier(args, device, world.vocabulary)
     pipeline = load_generator(args.model, dtype, device)
     for split in SPLITS:
         chosen = [p for p in prompt_pairs if p.split == split]
@@ -147,11 +148,10 @@ def run_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pair_verifier(args: argparse.Namespace, device: str):
+def _pair_verifier(args: argparse.Namespace, device: str, vocabulary):
     """The PairVerifier that --verifier names for --world, or None."""
     from spatialrl.data.judge import ColourLocator
     from spatialrl.data.verify import PairVerifier
-    from spatialrl.data.worlds import WORLDS
 
     kind = args.verifier
     if kind == "auto":
@@ -166,7 +166,7 @@ def _pair_verifier(args: argparse.Namespace, device: str):
         from spatialrl.detection import OwlDetector
 
         locator = OwlDetector.from_pretrained(args.detector, device, args.detector_threshold)
-    return PairVerifier(locator, WORLDS[args.world].vocabulary)
+    return PairVerifier(locator, vocabulary)
 
 
 def _report_split(split: str, count: int, out: Path, num_perturbed: list[int]) -> None:
