@@ -1,7 +1,10 @@
-"""Rollout actors: a policy copy that samples GRPO groups with the core's sample_groups.
+"""Rollout actors: a policy copy that samples GRPO groups with the core's sample_groups and
+has them scored by the reward deployment itself, so that images never pass through the driver.
 
-Results cross process boundaries as plain tensors, strings and uint8 image arrays (no pickled
-classes); unpack_group turns one back into the core's RolloutGroup on the driver.
+Results cross process boundaries as plain tensors, strings and numbers (no pickled classes).
+The driver gets a summary of each group (scores, seeds, version) and a reference to the
+trajectories, which the learners fetch from here. Evaluation images do come back to the
+driver (it logs them and runs the rule evaluator on them).
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ import numpy as np
 import ray
 import torch
 from PIL import Image
+from ray import serve
+from ray.serve.handle import DeploymentHandle
 
+from spatialrl.actors.reward import APP_NAME, GroupScore, score_on_deployment
+from spatialrl.broadcast import broadcast_tensors, open_group, weights_fingerprint
 from spatialrl.config import TrainConfig
 from spatialrl.evaluation import sample_eval_images
 from spatialrl.flux.loading import load_flux_pipeline, resolve_device
 from spatialrl.flux.lora import add_lora, load_lora_state_dict, lora_checksum, lora_state_dict
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.rollout import RolloutGroup, sample_groups
-from spatialrl.weight_sync import broadcast_tensors, open_group, weights_fingerprint
+from spatialrl.train_batch import ScoredGroup
 
 
 def images_to_array(images: list[Image.Image]) -> np.ndarray:
@@ -27,38 +34,36 @@ def images_to_array(images: list[Image.Image]) -> np.ndarray:
     return np.stack([np.asarray(image.convert("RGB")) for image in images])
 
 
-def pack_group(group: RolloutGroup, rollout_seconds: float = 0.0) -> dict:
-    """`rollout_seconds`: this group's share of the actor time spent sampling it."""
-    tensors, metadata = group.trajectory.to("cpu").to_tensors()
+def group_summary(group: RolloutGroup, score: GroupScore) -> dict:
+    """What the driver needs of a group: no images, no trajectories."""
     return {
         "prompt": group.prompt,
         "group_id": group.group_id,
         "iteration": group.iteration,
         "version": group.version,
-        "tensors": tensors,
-        "metadata": metadata,
-        "images": images_to_array(group.images),
-        "rollout_seconds": rollout_seconds,
+        "seeds": group.trajectory.seeds.tolist(),
+        "mu": score.mu,
+        "sigma": score.sigma,
+        "reward_batch_sizes": score.batch_sizes,
+        "reward_retries": score.retries,
     }
 
 
-def unpack_group(packed: dict) -> RolloutGroup:
-    return RolloutGroup(
-        prompt=packed["prompt"],
-        group_id=packed["group_id"],
-        iteration=packed["iteration"],
-        version=packed["version"],
-        trajectory=Trajectory.from_tensors(packed["tensors"], packed["metadata"]),
-        images=[Image.fromarray(image) for image in packed["images"]],
-    )
+def unpack_group(summary: dict, source: ray.ObjectRef, first_row: int) -> ScoredGroup:
+    """The driver's view of a group: its scores, and where its trajectories are (rows
+    [first_row, first_row + G) of the packed trajectories behind `source`)."""
+    return ScoredGroup(summary["prompt"], summary["group_id"], summary["iteration"],
+                       summary["version"], summary["seeds"], summary["mu"], summary["sigma"],
+                       source, first_row)
 
 
 @ray.remote
 class RolloutActor:
     """One policy copy (full pipeline + adapter) at a known policy version."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, reward_app: str = APP_NAME):
         self.cfg = cfg
+        self.reward_app = reward_app
         self.device = resolve_device(cfg.device)
         self.pipeline = load_flux_pipeline(cfg.model, self.device)
         if cfg.lora.enabled:
@@ -66,25 +71,48 @@ class RolloutActor:
             add_lora(self.pipeline.transformer, cfg.lora)
         self._version = 0
         self.weight_group = None
+        self.reward_handle: DeploymentHandle | None = None
 
-    def rollout(self, prompts: list[str], group_ids: list[int], iteration: int) -> list[dict]:
-        """group_size samples per prompt, seeded by (run seed, iteration, prompt, index) only;
-        packed with pack_group and tagged with the version that sampled them."""
+    @ray.method(num_returns=2)
+    def rollout(self, prompts: list[str], group_ids: list[int], iteration: int
+                ) -> tuple[dict, dict]:
+        """group_size samples per prompt, seeded by (run seed, iteration, prompt, index) only,
+        tagged with the version that sampled them and scored by the reward deployment (all
+        groups sent at once, so that they batch with each other and other actors' groups).
+
+        Two objects: the summary for the driver (group_summary per group, the version, the
+        sampling and scoring seconds) and the groups' trajectories, packed, in group order,
+        which stay in this node's object store until the learners fetch them."""
         cfg = self.cfg
         start = time.perf_counter()
         groups = sample_groups(
             self.pipeline, prompts, group_ids, iteration, self._version, cfg.seed,
             cfg.grpo.group_size, cfg.sampling,
         )
-        share = (time.perf_counter() - start) / len(groups)
-        return [pack_group(group, share) for group in groups]
+        sampled = time.perf_counter()
+        scores = score_on_deployment(self._reward(), [
+            ([g.prompt] * len(g.images), images_to_array(g.images)) for g in groups])
+        summary = {"version": self._version, "rollout_seconds": sampled - start,
+                   "reward_seconds": time.perf_counter() - sampled,
+                   "groups": [group_summary(g, s) for g, s in zip(groups, scores, strict=True)]}
+        tensors, metadata = Trajectory.concat([g.trajectory for g in groups]).to("cpu").to_tensors()
+        return summary, {"tensors": tensors, "metadata": metadata}
 
     def evaluate(self, prompts: list[str]) -> dict:
-        """Deterministic ODE samples of the evaluation prompts as a uint8 array, with the
-        version that made them (calls run in order: weights sent before this call are in
+        """Deterministic ODE samples of the evaluation prompts as a uint8 array, scored, with
+        the version that made them (calls run in order: weights sent before this call are in
         place)."""
-        images = sample_eval_images(self.pipeline, prompts, self.cfg.sampling, self.cfg.seed)
-        return {"version": self._version, "images": images_to_array(images)}
+        pixels = images_to_array(
+            sample_eval_images(self.pipeline, prompts, self.cfg.sampling, self.cfg.seed))
+        (score,) = score_on_deployment(self._reward(), [(prompts, pixels)])
+        return {"version": self._version, "images": pixels, "mu": score.mu, "sigma": score.sigma}
+
+    def _reward(self) -> DeploymentHandle:
+        """The reward application's handle, looked up once it is needed (the trainer starts
+        the application after the actors)."""
+        if self.reward_handle is None:
+            self.reward_handle = serve.get_app_handle(self.reward_app)
+        return self.reward_handle
 
     def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> dict:
         """Sample with `state` from now on. Returns the checksum of the adapter now in use, for

@@ -27,7 +27,7 @@ from results_file import write_result
 
 from spatialrl.commands.tiny_models import write_tiny_models
 from spatialrl.config import load_config
-from spatialrl.learners.trainer import RayTrainer
+from spatialrl.learners.ray_backend import RayTrainer
 from spatialrl.tracking import Tracker
 
 
@@ -60,6 +60,9 @@ def run_once(max_staleness: int, iterations: int, overrides: list[str], workdir:
         "mean_staleness": sum(h.get("staleness/mean", 0.0) for h in history) / len(history),
         "dropped_stale_groups": history[-1].get("staleness/dropped_groups", 0.0),
         "stage_seconds_mean": stage_means,
+        # Through the driver: rollout summaries received, shard references sent to learners.
+        "driver_bytes_per_iteration": [
+            h["driver/rollout_bytes"] + h.get("learn/driver_bytes", 0.0) for h in history],
     }
 
 

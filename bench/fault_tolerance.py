@@ -37,7 +37,7 @@ from ray import serve
 from spatialrl import storage
 from spatialrl.actors.local_cluster import LocalAutoscalingCluster
 from spatialrl.config import TrainConfig, load_config
-from spatialrl.learners.trainer import RayTrainer
+from spatialrl.learners.ray_backend import RayTrainer
 from spatialrl.tracking import Tracker
 from spatialrl.train_batch import ledger_file
 
@@ -158,7 +158,7 @@ def run_with_fault(cluster: LocalAutoscalingCluster, cfg: TrainConfig, fault) ->
 
 
 def first_update_applied(trainer: RayTrainer) -> bool:
-    return trainer.learners.version >= 1
+    return trainer.backend.learners.version >= 1
 
 
 def iteration_written(iteration: int):
@@ -174,7 +174,7 @@ def kill_role_node(cluster: LocalAutoscalingCluster, role: str, ready):
         while not ready(trainer):
             await asyncio.sleep(0.05)
         (node,) = cluster.nodes_of_type(role)
-        version = trainer.learners.version
+        version = trainer.backend.learners.version
         killed_at = time.monotonic()
         pid = cluster.kill_node(node["NodeID"])
 
@@ -198,8 +198,8 @@ def kill_learner_rank(rank: int, after_iteration: int):
     async def fault(trainer: RayTrainer) -> dict:
         while not iteration_written(after_iteration)(trainer):
             await asyncio.sleep(0.05)
-        version = trainer.learners.version
-        ray.kill(trainer.learners.workers[rank], no_restart=True)
+        version = trainer.backend.learners.version
+        ray.kill(trainer.backend.learners.workers[rank], no_restart=True)
         return {"what": f"learner rank {rank}: ray.kill (the process ends)",
                 "after_iteration": after_iteration, "at_learner_version": version}
 

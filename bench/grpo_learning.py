@@ -19,6 +19,7 @@ from results_file import write_result
 from spatialrl.commands.tiny_models import write_tiny_models
 from spatialrl.config import load_config
 from spatialrl.inprocess import InProcessTrainer
+from spatialrl.tracking import Tracker
 
 
 def run(iterations: int, eval_every: int, workdir: Path) -> dict:
@@ -28,9 +29,11 @@ def run(iterations: int, eval_every: int, workdir: Path) -> dict:
         "reward.kind=brightness_left", "checkpoint_every=0",
         f"iterations={iterations}", f"eval_every={eval_every}",
         f"model.pretrained={models['flux']}", f"output_dir={workdir / 'run'}",
+        f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
     ])
     start = time.perf_counter()
-    history = InProcessTrainer(cfg).fit(tracker=None)
+    with Tracker(cfg.mlflow, tags={"bench": "grpo_learning"}) as tracker:
+        history = InProcessTrainer(cfg).fit(tracker)
     evals = [(i, h["eval/reward_mean"]) for i, h in enumerate(history) if "eval/reward_mean" in h]
     return {
         "eval_reward": [{"iteration": i, "reward": r} for i, r in evals],

@@ -44,6 +44,7 @@ from transformers import (
 )
 
 from spatialrl import capacity
+from spatialrl.broadcast import weights_fingerprint
 from spatialrl.config import GRPOConfig, LoraConfig, OptimConfig, SamplingConfig, TrainConfig
 from spatialrl.flux.encoding import PromptEmbeddingCache, encode_prompts
 from spatialrl.flux.loading import set_attention_backend
@@ -55,7 +56,6 @@ from spatialrl.reward import SpatialScore, SpatialScoreConfig
 from spatialrl.reward.inputs import SpatialScoreProcessor
 from spatialrl.tiny.flux import build_tiny_flux
 from spatialrl.tiny.qwen_vl import write_tiny_qwen_vl
-from spatialrl.weight_sync import weights_fingerprint
 
 # black-forest-labs/FLUX.1-dev: transformer/config.json, vae/config.json, and its encoders
 # (text_encoder: CLIP ViT-L/14 text tower; text_encoder_2: T5 v1.1 XXL encoder).

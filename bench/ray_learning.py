@@ -26,7 +26,7 @@ from results_file import write_result
 
 from spatialrl.commands.tiny_models import write_tiny_models
 from spatialrl.config import load_config
-from spatialrl.learners.trainer import RayTrainer
+from spatialrl.learners.ray_backend import RayTrainer
 from spatialrl.tracking import Tracker
 
 EVAL_KEYS = ("eval/relation_accuracy", "eval/all_relations_correct", "eval/soft_relation_score",

@@ -24,20 +24,24 @@ from results_file import write_result
 from spatialrl.commands.tiny_models import write_tiny_models
 from spatialrl.config import load_config
 from spatialrl.inprocess import InProcessTrainer
+from spatialrl.tracking import Tracker
 
 
 def measure(config: str, iterations: int, workdir: Path, tiny: bool) -> dict:
-    overrides = [f"output_dir={workdir / 'run'}", "eval_every=0", "checkpoint_every=0"]
+    overrides = [f"output_dir={workdir / 'run'}", "eval_every=0", "checkpoint_every=0",
+                 f"iterations={iterations + 1}",
+                 f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}"]
     if tiny:
         overrides.append(f"model.pretrained={write_tiny_models(workdir / 'models')['flux']}")
     cfg = load_config(config, overrides)
     trainer = InProcessTrainer(cfg)
+    with Tracker(cfg.mlflow, tags={"bench": "stage_seconds"}) as tracker:
+        history = trainer.fit(tracker)
     images = cfg.prompts.prompts_per_iteration * cfg.grpo.group_size
     rows = []
-    for iteration in range(iterations + 1):
-        metrics, ledger = trainer.train_iteration(iteration)
-        trained = sum(row["kept"] for row in ledger) * cfg.optim.updates_per_iteration
-        if iteration == 0 or trained == 0:
+    for metrics in history[1:]:  # after a warm-up iteration
+        trained = round(metrics["filter/kept_fraction"] * images) * cfg.optim.updates_per_iteration
+        if "time/learn_s" not in metrics:
             continue
         rows.append({
             "rollout": metrics["time/rollout_s"] / images,

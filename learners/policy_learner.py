@@ -10,16 +10,20 @@ rank runs the same sequence of collectives (ZeRO reduces gradients inside each b
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import ray
 import torch
 import torch.distributed as dist
+from ray.exceptions import ObjectLostError
 
 from spatialrl import storage
 from spatialrl.actors.placement import in_bundle, release, reserve
+from spatialrl.broadcast import broadcast_tensors, open_group, weights_fingerprint
 from spatialrl.config import PolicyModelConfig, TrainConfig
 from spatialrl.deepspeed_checkpoints import load_weights_only
 from spatialrl.flux.loading import load_flux_transformer, resolve_device
@@ -28,8 +32,8 @@ from spatialrl.flux.sampler import Trajectory
 from spatialrl.grpo.loss import sample_train_steps
 from spatialrl.grpo.update import grpo_update
 from spatialrl.placement import role_bundles
-from spatialrl.train_batch import TrainBatch
-from spatialrl.weight_sync import broadcast_tensors, open_group, weights_fingerprint
+from spatialrl.recovery import SamplesLost
+from spatialrl.train_batch import TrainBatch, gather_trajectory
 
 CHECKPOINT_TAG = "learner"
 SHUFFLE_STREAM = -1  # update_generator stream of the driver's shard shuffle; ranks use >= 0
@@ -97,6 +101,14 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
     }
 
 
+def fetch_trajectory(source: Any) -> Trajectory:
+    """A sample source (spatialrl.train_batch.ScoredGroup): a reference to a rollout actor's
+    packed trajectories, or a Trajectory that came with the call."""
+    if isinstance(source, Trajectory):
+        return source
+    return Trajectory.from_tensors(**ray.get(source))
+
+
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [param for name, param in module.named_parameters() if "lora_" in name]
 
@@ -147,13 +159,18 @@ class PolicyLearner:
         load_weights_only(self.engine)  # a planted pickle must not run on resume
         self.optimization = DeepSpeedOptimization(self.engine)
 
-    def update(
-        self, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-        advantages: torch.Tensor, version: int,
-    ) -> dict[str, float]:
-        """grpo_update on this rank's shard; `version` is the policy version trained from."""
+    def stage(self, samples: list[tuple[Any, int]], advantages: torch.Tensor) -> None:
+        """Fetch this rank's shard of the kept samples from the rollout actors' object stores.
+        No collective runs here, so a sample lost with its node fails this call alone, not
+        the other ranks in the middle of an update."""
+        self.staged = (gather_trajectory(samples, resolve=fetch_trajectory), advantages)
+
+    def update(self, version: int) -> dict[str, float]:
+        """grpo_update on the staged shard; `version` is the policy version trained from."""
         cfg = self.cfg
-        trajectory = Trajectory.from_tensors(tensors, metadata).to(self.device)
+        trajectory, advantages = self.staged
+        self.staged = None
+        trajectory = trajectory.to(self.device)
         # The core draws the timesteps; only their count is needed here, for the accumulation.
         timesteps = len(sample_train_steps(
             trajectory.sde_mask.cpu(), cfg.grpo.timestep_fraction, torch.Generator()))
@@ -236,6 +253,7 @@ class LearnerGroup:
         self.cfg = cfg
         self.version = 0  # policy version = number of updates applied
         bundles = role_bundles(cfg)["learner"]
+        self.min_update_samples = len(bundles)  # a shard of at least one sample per rank
         self.placement_group = reserve("learner", bundles, cfg.cluster.placement_timeout_s)
         # CPU workers must not let DeepSpeed probe for an accelerator.
         env = {} if cfg.learner.gpus_per_worker else {"DS_ACCELERATOR": "cpu"}
@@ -254,26 +272,31 @@ class LearnerGroup:
             raise
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
-        """One grpo_update across the ranks; metrics averaged over ranks."""
+        """One grpo_update across the ranks; metrics averaged over ranks, plus the bytes the
+        driver sent (references, rows and advantages: the ranks fetch the trajectories)."""
         num_workers = len(self.workers)
-        shard_size = len(batch.trajectory) // num_workers
+        shard_size = len(batch.samples) // num_workers
         if shard_size == 0:
             raise ValueError(
-                f"{len(batch.trajectory)} kept samples cannot be shared by {num_workers} workers"
-            )
+                f"{len(batch.samples)} kept samples cannot be shared by {num_workers} workers")
         order = torch.randperm(
-            len(batch.trajectory), generator=update_generator(self.cfg.seed, self.version,
-                                                              SHUFFLE_STREAM))
-        pending = []
+            len(batch.samples), generator=update_generator(self.cfg.seed, self.version,
+                                                           SHUFFLE_STREAM))
+        staged, sent_bytes = [], 0
         for rank, worker in enumerate(self.workers):
             shard = order[rank * shard_size : (rank + 1) * shard_size]
-            tensors, metadata = batch.trajectory.select(shard).to("cpu").to_tensors()
-            pending.append(worker.update.remote(
-                tensors, metadata, batch.advantages[shard].cpu(), self.version))
-        per_rank = ray.get(pending)
+            shard_args = ([batch.samples[i] for i in shard.tolist()], batch.advantages[shard].cpu())
+            sent_bytes += len(pickle.dumps(shard_args))
+            staged.append(worker.stage.remote(*shard_args))
+        try:
+            ray.get(staged)
+        except ObjectLostError as lost:
+            raise SamplesLost(f"a learner could not fetch its samples: {lost}") from lost
+        per_rank = ray.get([worker.update.remote(self.version) for worker in self.workers])
         self.version += 1
         metrics = {name: sum(m[name] for m in per_rank) / num_workers for name in per_rank[0]}
-        metrics["dropped_samples"] = float(len(batch.trajectory) - shard_size * num_workers)
+        metrics["dropped_samples"] = float(len(batch.samples) - shard_size * num_workers)
+        metrics["driver_bytes"] = float(sent_bytes)
         return metrics
 
     def publish(self) -> tuple[int, ray.ObjectRef, str]:

@@ -15,7 +15,7 @@ from spatialrl.grpo.update import TorchOptimization, grpo_update
 from spatialrl.learners.policy_learner import SHUFFLE_STREAM, LearnerGroup, update_generator
 from spatialrl.rewards import build_reward
 from spatialrl.rollout import sample_groups
-from spatialrl.train_batch import build_train_batch, score_groups
+from spatialrl.train_batch import build_train_batch, gather_trajectory, score_groups
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def train_batch(tiny_flux_path):
     groups = sample_groups(pipeline, PROMPTS, [0, 1], 0, 0, cfg.seed, cfg.grpo.group_size,
                            cfg.sampling)
     batch = build_train_batch(score_groups(build_reward(cfg.reward, "cpu"), groups), cfg.grpo)
-    assert len(batch.trajectory) == 4
+    assert len(batch.samples) == 4
     return batch
 
 
@@ -105,7 +105,9 @@ def test_deepspeed_update_equals_torch_update(learner_group, train_batch, tiny_f
     order = torch.randperm(4, generator=update_generator(cfg.seed, 0, SHUFFLE_STREAM))
     transformer.train()
     torch_metrics = grpo_update(
-        transformer, train_batch.trajectory.select(order), train_batch.advantages[order],
+        transformer,
+        gather_trajectory(train_batch.samples, lambda source: source).select(order),
+        train_batch.advantages[order],
         cfg.grpo, cfg.optim, TorchOptimization(optimizer, cfg.optim.max_grad_norm),
         update_generator(cfg.seed, 0, 0),
     )

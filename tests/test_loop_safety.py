@@ -2,7 +2,7 @@
 
 import pytest
 
-from spatialrl.learners.trainer import Published, verify_load
+from spatialrl.learners.weight_sync import Published, verify_load
 
 
 def test_a_weight_sync_checksum_mismatch_stops_the_run():

@@ -12,13 +12,14 @@ from mlflow.tracking import MlflowClient
 from ray import serve
 
 from spatialrl import storage
+from spatialrl.broadcast import weights_fingerprint
 from spatialrl.config import ConfigError, load_config
 from spatialrl.flux.loading import load_flux_transformer
-from spatialrl.learners.trainer import COUNTERS, RayTrainer, train_on_ray
+from spatialrl.learners.ray_backend import RayTrainer, train_on_ray
+from spatialrl.loop import COUNTERS
 from spatialrl.run_state import checkpoint_dir, load_run_state
 from spatialrl.tracking import Tracker
 from spatialrl.train_batch import ledger_file
-from spatialrl.weight_sync import weights_fingerprint
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 
@@ -137,29 +138,42 @@ def test_runs_end_to_end_and_resumes_in_the_same_mlflow_run(local_ray, tiny_flux
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def fit_with_fault(trainer: RayTrainer, fault) -> list[dict]:
+    """fit() while fault() runs once the first update is applied (iteration 1 is then being
+    sampled: max_staleness 1)."""
+    async def after_first_update():
+        while trainer.backend.learners.version < 1:
+            await asyncio.sleep(0.05)
+        fault()
+
+    async def run():
+        injected = asyncio.create_task(after_first_update())
+        try:
+            return await trainer.fit()
+        finally:
+            injected.cancel()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        trainer.shutdown()
+
+
+def reward_replicas() -> list[str]:
+    return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith("SERVE_REPLICA::spatialrl-reward#")]
+
+
 def test_a_killed_rollout_actor_is_restarted_and_its_groups_redone(local_ray, tiny_flux_path,
                                                                    tmp_path):
     cfg = trainer_config(tiny_flux_path, tmp_path, "iterations=4", "eval_every=0",
                          "checkpoint_every=0")
     tracker = Tracker(cfg.mlflow)
     trainer = RayTrainer(cfg, tracker)
-
-    async def kill_once_training_started():
-        # After the first update, iteration 1 is being sampled (max_staleness 1).
-        while trainer.learners.version < 1:
-            await asyncio.sleep(0.05)
-        ray.kill(trainer.fleet.actors[1], no_restart=False)
-
-    async def run():
-        killer = asyncio.create_task(kill_once_training_started())
-        history = await trainer.fit()
-        await killer
-        return history
-
     try:
-        history = asyncio.run(run())
+        history = fit_with_fault(
+            trainer, lambda: ray.kill(trainer.backend.rollouts.actors[1], no_restart=False))
     finally:
-        trainer.shutdown()
         tracker.finish()
     assert len(history) == 4
     assert history[-1]["faults/rollout_actor_failures"] >= 1
@@ -168,6 +182,42 @@ def test_a_killed_rollout_actor_is_restarted_and_its_groups_redone(local_ray, ti
     assert_every_group_once(cfg, range(4))
     logged = MlflowClient(cfg.mlflow.tracking_uri).get_run(tracker.run_id).data.metrics
     assert logged["faults/rollout_actor_failures"] == history[-1]["faults/rollout_actor_failures"]
+
+
+@pytest.mark.parametrize("role", ["rollout actor", "learner rank"])
+def test_a_fault_beyond_the_restart_budget_stops_the_run_naming_the_budget(
+        local_ray, tiny_flux_path, tmp_path, role):
+    cfg = trainer_config(tiny_flux_path, tmp_path, "iterations=4", "eval_every=0",
+                         "checkpoint_every=0", "cluster.max_actor_restarts=0",
+                         "cluster.max_learner_restarts=0")
+    tracker = Tracker(cfg.mlflow)
+    trainer = RayTrainer(cfg, tracker)
+    victim = (trainer.backend.rollouts.actors[1] if role == "rollout actor"
+              else trainer.backend.learners.workers[1])
+    budget = "max_actor_restarts=0" if role == "rollout actor" else "max_learner_restarts=0"
+    try:
+        with pytest.raises(RuntimeError, match=budget):
+            fit_with_fault(trainer, lambda: ray.kill(victim, no_restart=True))
+    finally:
+        tracker.finish("FAILED")
+
+
+def test_a_reward_replica_killed_mid_run_is_replaced_and_the_run_goes_on(
+        local_ray, tiny_flux_path, tmp_path):
+    cfg = trainer_config(tiny_flux_path, tmp_path, "iterations=4", "eval_every=0",
+                         "checkpoint_every=0")
+    tracker = Tracker(cfg.mlflow)
+    trainer = RayTrainer(cfg, tracker)
+    (replica,) = reward_replicas()
+    try:
+        history = fit_with_fault(trainer, lambda: ray.kill(
+            ray.get_actor(replica, namespace="serve"), no_restart=True))
+    finally:
+        tracker.finish()
+    # Serve replaced the replica; groups in flight at the kill were retried (counted in
+    # faults/reward_retries) and the run trained on every group once.
+    assert [h["policy/version"] for h in history] == [1.0, 2.0, 3.0, 4.0]
+    assert_every_group_once(cfg, range(4))
 
 
 def test_a_config_larger_than_the_cluster_fails_before_starting_actors(local_ray,
@@ -197,4 +247,5 @@ def test_full_fine_tuning_broadcasts_the_weights_to_every_rollout_actor(local_ra
     assert [h["policy/version"] for h in history] == [1.0, 2.0]
     assert all(h["time/broadcast_s"] > 0 for h in history)
     base = load_flux_transformer(cfg.model)
-    assert trainer.published.checksum != weights_fingerprint(base.named_parameters())
+    published = trainer.backend.weights.published
+    assert published.checksum != weights_fingerprint(base.named_parameters())

@@ -1,16 +1,18 @@
-"""Rollout actors on real Ray with tiny FLUX: reproducible seeds across actors, and weights
-published by the DeepSpeed learner group."""
+"""Rollout actors on real Ray with tiny FLUX: reproducible seeds across actors, groups scored
+by the reward deployment from inside the actor, and weights published by the DeepSpeed
+learner group."""
 
-import numpy as np
 import pytest
 import ray
 import torch
+from ray import serve
 
+from spatialrl.actors.reward import start_reward_deployment
 from spatialrl.actors.rollout import RolloutActor, unpack_group
 from spatialrl.config import load_config
+from spatialrl.flux.sampler import Trajectory
 from spatialrl.learners.policy_learner import LearnerGroup
-from spatialrl.rewards import build_reward
-from spatialrl.train_batch import build_train_batch, score_groups
+from spatialrl.train_batch import build_train_batch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.deepspeed]  # a LearnerGroup
 
@@ -26,9 +28,11 @@ def tiny_config(tiny_flux_path):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(tiny_flux_path):
     ray.init(num_cpus=2, include_dashboard=False)
+    start_reward_deployment(tiny_config(tiny_flux_path))  # the brightness reward
     yield
+    serve.shutdown()
     ray.shutdown()
 
 
@@ -45,35 +49,48 @@ def make_actor(tiny_flux_path, local_ray):
         ray.kill(actor)
 
 
-def states(packed: dict) -> torch.Tensor:
-    return packed["tensors"]["states"]
+def rollout(actor, prompts: list[str], group_ids: list[int], iteration: int
+            ) -> tuple[dict, Trajectory, ray.ObjectRef]:
+    """The summary, the fetched trajectories and their reference."""
+    summary_ref, trajectories_ref = actor.rollout.remote(prompts, group_ids, iteration)
+    summary, packed = ray.get([summary_ref, trajectories_ref])
+    return summary, Trajectory.from_tensors(**packed), trajectories_ref
 
 
 def test_same_prompt_iteration_and_index_give_the_same_trajectory_on_any_actor(make_actor):
     first, second = make_actor(), make_actor()
-    both = ray.get(first.rollout.remote(PROMPTS, [0, 1], 3))
-    alone, later = ray.get([second.rollout.remote(PROMPTS[1:], [7], 3),
-                            second.rollout.remote(PROMPTS[1:], [7], 4)])
+    both, both_trajectories, _ = rollout(first, PROMPTS, [0, 1], 3)
+    alone, alone_trajectories, _ = rollout(second, PROMPTS[1:], [7], 3)
+    _, later_trajectories, _ = rollout(second, PROMPTS[1:], [7], 4)
 
-    # Drawn in another batch, at another position, by another actor: the same samples.
-    torch.testing.assert_close(states(alone[0]), states(both[1]), rtol=0, atol=1e-5)
-    assert alone[0]["tensors"]["seeds"].tolist() == both[1]["tensors"]["seeds"].tolist()
-    assert np.abs(alone[0]["images"].astype(int) - both[1]["images"].astype(int)).max() <= 1
-    assert not torch.allclose(states(later[0]), states(alone[0]), atol=1e-3)
+    # Drawn in another batch, at another position, by another actor: the same samples, and
+    # the reward deployment scores them alike.
+    second_group = both_trajectories.select(torch.arange(4, 8))
+    torch.testing.assert_close(alone_trajectories.states, second_group.states, rtol=0, atol=1e-5)
+    assert alone["groups"][0]["seeds"] == both["groups"][1]["seeds"]
+    assert alone_trajectories.seeds.tolist() == alone["groups"][0]["seeds"]
+    torch.testing.assert_close(alone["groups"][0]["mu"], both["groups"][1]["mu"], rtol=0,
+                               atol=1e-2)
+    assert not torch.allclose(later_trajectories.states, alone_trajectories.states, atol=1e-3)
+    assert alone["groups"][0]["mu"].std() > 0, "distinct samples get distinct rewards"
+    # The summary carries no pixels and no trajectories: only scores, seeds and names.
+    assert {k for g in both["groups"] for k in g} == {
+        "prompt", "group_id", "iteration", "version", "seeds", "mu", "sigma",
+        "reward_batch_sizes", "reward_retries"}
 
-    group = unpack_group(alone[0])
-    assert (group.prompt, group.group_id, group.iteration, group.version) == (
+    scored = unpack_group(alone["groups"][0], "the trajectories' reference", 0)
+    assert (scored.prompt, scored.group_id, scored.iteration, scored.version) == (
         PROMPTS[1], 7, 3, 0)
-    assert len(group.trajectory) == len(group.images) == 4
-    assert group.images[0].size == (64, 64)
+    assert len(scored.mu) == len(scored.sigma) == len(scored.seeds) == 4
 
 
 def test_published_weights_reach_the_rollout_actor(make_actor, tiny_flux_path):
     cfg = tiny_config(tiny_flux_path)
     actor = make_actor()
-    before = ray.get(actor.rollout.remote(PROMPTS, [0, 1], 0))
-    groups = [unpack_group(packed) for packed in before]
-    batch = build_train_batch(score_groups(build_reward(cfg.reward, "cpu"), groups), cfg.grpo)
+    summary, before, reference = rollout(actor, PROMPTS, [0, 1], 0)
+    # The learner ranks fetch the kept samples through the reference.
+    batch = build_train_batch([unpack_group(g, reference, row * 4)
+                               for row, g in enumerate(summary["groups"])], cfg.grpo)
     learners = LearnerGroup(cfg)
     try:
         learners.update(batch)
@@ -83,9 +100,9 @@ def test_published_weights_reach_the_rollout_actor(make_actor, tiny_flux_path):
 
     assert ray.get(actor.load_weights.remote(version, state_ref))["checksum"] == checksum
     assert ray.get(actor.version.remote()) == version == 1
-    (after,) = ray.get(actor.rollout.remote(PROMPTS[:1], [0], 0))
-    assert after["version"] == 1
-    assert not torch.equal(states(after), states(before[0])), "the new policy samples differently"
+    summary, after, _ = rollout(actor, PROMPTS[:1], [0], 0)
+    assert summary["version"] == 1
+    assert not torch.equal(after.states, before.states[:4]), "the new policy samples differently"
 
     # Different values, one key short: a partial copy would show in the samples.
     state = {name: 2 * tensor for name, tensor in ray.get(state_ref).items()}
@@ -94,5 +111,5 @@ def test_published_weights_reach_the_rollout_actor(make_actor, tiny_flux_path):
         ray.get(actor.load_weights.remote(2, state))
     # The failed load changed nothing: same version, same samples.
     assert ray.get(actor.version.remote()) == 1
-    (again,) = ray.get(actor.rollout.remote(PROMPTS[:1], [0], 0))
-    assert torch.equal(states(again), states(after))
+    _, again, _ = rollout(actor, PROMPTS[:1], [0], 0)
+    assert torch.equal(again.states, after.states)

@@ -55,7 +55,7 @@ def test_two_iterations_log_metrics_ledger_and_a_loadable_lora(tmp_path, tiny_fl
     assert all(row["advantage"] == 0.0 for row in ledger if not row["kept"])
 
     # The final checkpoint loads into a stock diffusers pipeline and reproduces the policy.
-    lora_dir = tmp_path / "run" / "checkpoints" / "iteration-000001" / "lora"
+    lora_dir = tmp_path / "run" / "checkpoints" / "iteration-000001" / "learner" / "lora"
     pipe = FluxPipeline.from_pretrained(tiny_flux_path)
     pipe.load_lora_weights(lora_dir)
     kwargs = dict(prompt="a red circle above a blue square", height=64, width=64,
@@ -73,7 +73,7 @@ def test_two_iterations_log_metrics_ledger_and_a_loadable_lora(tmp_path, tiny_fl
 def test_a_nan_reward_drops_its_group_and_the_ledger_keeps_every_row(tmp_path, tiny_flux_path):
     from spatialrl.flux.loading import load_flux_pipeline
     from spatialrl.rollout import sample_groups
-    from spatialrl.train_batch import ScoredGroup, build_train_batch
+    from spatialrl.train_batch import ScoredGroup, build_train_batch, gather_trajectory
 
     cfg = tiny_config(tmp_path, tiny_flux_path)
     pipeline = load_flux_pipeline(cfg.model)
@@ -83,12 +83,16 @@ def test_a_nan_reward_drops_its_group_and_the_ledger_keeps_every_row(tmp_path, t
     good = torch.tensor([0.1, 0.4, 0.2, 0.9])
     bad = torch.tensor([0.5, float("nan"), 0.1, 0.2])
     batch = build_train_batch(
-        [ScoredGroup(groups[0], good, torch.zeros(4)), ScoredGroup(groups[1], bad, torch.zeros(4))],
+        [ScoredGroup.of(groups[0], good, torch.zeros(4)),
+         ScoredGroup.of(groups[1], bad, torch.zeros(4))],
         cfg.grpo,
     )
     assert batch.metrics["filter/dropped_nonfinite_groups"] == 1.0
-    assert len(batch.trajectory) == 2  # top_k=1: best and worst of the finite group
-    assert set(batch.trajectory.prompts) == {"a red circle above a blue square"}
+    trajectory = gather_trajectory(batch.samples, resolve=lambda source: source)
+    assert len(trajectory) == 2  # top_k=1: best and worst of the finite group
+    assert set(trajectory.prompts) == {"a red circle above a blue square"}
+    # In reward order: 0.1 (sample 0) then 0.9 (sample 3) of the first group.
+    assert trajectory.seeds.tolist() == groups[0].trajectory.seeds[[0, 3]].tolist()
     assert batch.versions.tolist() == [3, 3]
     assert len(batch.ledger) == 8
     assert not any(r["kept"] for r in batch.ledger if r["group_id"] == 11)
@@ -105,7 +109,7 @@ def test_a_uri_output_dir_gets_the_ledger_and_the_lora(tmp_path, tiny_flux_path)
     tracker.finish()
 
     assert len(pq.read_table(ledger_file(output_dir, 0))) == 8
-    lora = storage.join(checkpoint_dir(output_dir, 0), "lora")
+    lora = storage.join(checkpoint_dir(output_dir, 0), "learner", "lora")
     assert storage.list_files(lora) == ["pytorch_lora_weights.safetensors"]
     logged = MlflowClient(cfg.mlflow.tracking_uri).list_artifacts(
         tracker.run_id, "checkpoints/iteration-000000/lora")
@@ -181,3 +185,28 @@ def test_a_run_whose_block_returns_is_finished_unless_the_block_ended_it(
         if own_status:
             tracker.finish(own_status)
     assert MlflowClient(cfg.mlflow.tracking_uri).get_run(tracker.run_id).info.status == status
+
+
+def test_nan_rewards_are_counted_and_the_run_trains_on_the_finite_groups(tmp_path,
+                                                                         tiny_flux_path):
+    """The reward is the loop's input: one returning NaN for one prompt's images (as a
+    broken reward model would) drops that group every iteration, counted from iteration 0."""
+    from spatialrl.rewards import RewardOutput
+
+    cfg = tiny_config(tmp_path, tiny_flux_path, "reward.kind=brightness_left", "eval_every=0")
+    trainer = InProcessTrainer(cfg)
+    brightness = trainer.backend.rollouts.reward
+
+    def nan_for_the_first_prompt(images, prompts):
+        scores = brightness(images, prompts)
+        broken = torch.tensor([p == prompts[0] for p in prompts])
+        return RewardOutput(scores.mu.masked_fill(broken, float("nan")), scores.sigma)
+
+    trainer.backend.rollouts.reward = nan_for_the_first_prompt
+    with Tracker(cfg.mlflow) as tracker:
+        history = trainer.fit(tracker)
+    assert [h["filter/dropped_nonfinite_groups"] for h in history] == [1.0, 2.0]
+    assert [h["policy/version"] for h in history] == [1.0, 2.0]  # the other group trained
+    counter = MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(
+        tracker.run_id, "filter/dropped_nonfinite_groups")
+    assert [(m.step, m.value) for m in counter] == [(0, 1.0), (1, 2.0)]

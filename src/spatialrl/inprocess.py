@@ -1,14 +1,16 @@
-"""Synchronous filtered GRPO in one process, without Ray.
+"""The training loop's roles in one process, without Ray (spatialrl.loop is the loop).
 
-This is the reference loop: the Ray trainer distributes exactly these stages. It also
-trains on a single GPU machine where Ray is not installed. output_dir may be a local path or
-a URI, as for the Ray trainer (the LoRA is staged locally and uploaded); there is no resume.
+The policy samples and learns on the same weights, so there is nothing to broadcast and every
+rollout is on-policy (max_staleness 0). It trains on a single GPU machine where Ray is not
+installed. output_dir may be a local path or a URI, as for the Ray backend; there is no
+resume (the optimiser state is not checkpointed here).
 """
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import time
+from collections import Counter
 
 import torch
 from tqdm import tqdm
@@ -16,131 +18,120 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from spatialrl import storage
 from spatialrl.config import TrainConfig
-from spatialrl.evaluation import (
-    RewardHackingWatch,
-    eval_metrics,
-    sample_eval_images,
-    summary_line,
-)
+from spatialrl.evaluation import sample_eval_images
 from spatialrl.flux.loading import load_flux_pipeline, resolve_device
 from spatialrl.flux.lora import add_lora, save_lora
 from spatialrl.grpo.update import TorchOptimization, grpo_update
-from spatialrl.prompts import PromptSource, eval_prompts
-from spatialrl.rewards import build_reward
+from spatialrl.loop import IterationRollouts, TrainingLoop
+from spatialrl.rewards import RewardFn, build_reward
 from spatialrl.rollout import sample_groups
-from spatialrl.run_state import checkpoint_dir, checkpoint_name, prepare_output_dir
+from spatialrl.run_state import prepare_output_dir
 from spatialrl.tracking import Tracker
-from spatialrl.train_batch import build_train_batch, score_groups, write_ledger
-
-log = logging.getLogger(__name__)
+from spatialrl.train_batch import TrainBatch, gather_trajectory, score_groups
 
 
-class InProcessTrainer:
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.output_dir = prepare_output_dir(cfg.output_dir)
-        self.pipeline = load_flux_pipeline(cfg.model, self.device)
-        self.transformer = self.pipeline.transformer
+class LocalLearner:
+    """The pipeline's own transformer (with its adapter) and a torch optimiser."""
+
+    min_update_samples = 1
+
+    def __init__(self, cfg: TrainConfig, pipeline, device: str):
+        self.cfg, self.pipeline, self.device = cfg, pipeline, device
+        self.transformer = pipeline.transformer
         torch.manual_seed(cfg.seed)  # LoRA's initialisation draws from the global generator
         add_lora(self.transformer, cfg.lora)
         trainable = [p for p in self.transformer.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            trainable, lr=cfg.optim.lr, betas=cfg.optim.betas,
-            weight_decay=cfg.optim.weight_decay,
-        )
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                      weight_decay=cfg.optim.weight_decay)
         self.optimization = TorchOptimization(optimizer, cfg.optim.max_grad_norm)
-        self.reward = build_reward(cfg.reward, self.device)
-        self.prompts = PromptSource(cfg.prompts.source, cfg.seed)
-        self.eval_prompts = eval_prompts(
-            cfg.prompts.eval_source, cfg.prompts.num_eval_prompts, cfg.seed
-        )
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.version = 0  # one published weight update = one version
-        self.hacking_watch = RewardHackingWatch()
+        self.version = 0
 
-    def train_iteration(self, iteration: int) -> tuple[dict[str, float], list[dict]]:
-        cfg = self.cfg
-        timings = {}
-        start = time.perf_counter()
-        taken = self.prompts.take(cfg.prompts.prompts_per_iteration)
-        groups = sample_groups(
-            self.pipeline, [p for _, p in taken], [i for i, _ in taken], iteration,
-            self.version, cfg.seed, cfg.grpo.group_size, cfg.sampling,
-        )
-        timings["time/rollout_s"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        batch = build_train_batch(score_groups(self.reward, groups), cfg.grpo)
-        timings["time/reward_s"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        metrics = dict(batch.metrics)
-        if len(batch.trajectory) > 0:
-            self.transformer.train()
-            learn = grpo_update(
-                self.transformer, batch.trajectory.to(self.device), batch.advantages,
-                cfg.grpo, cfg.optim, self.optimization, self.generator,
-            )
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        trajectory = gather_trajectory(batch.samples, resolve=lambda source: source)
+        self.transformer.train()
+        try:
+            learned = grpo_update(self.transformer, trajectory.to(self.device), batch.advantages,
+                                  self.cfg.grpo, self.cfg.optim, self.optimization, self.generator)
+        finally:
             self.transformer.eval()
-            metrics.update({f"learn/{k}": v for k, v in learn.items()})
-            self.version += 1
-        timings["time/learn_s"] = time.perf_counter() - start
-        images = cfg.prompts.prompts_per_iteration * cfg.grpo.group_size
-        metrics.update(timings)
-        metrics["throughput/images_per_s"] = images / sum(timings.values())
-        metrics["policy/version"] = float(self.version)
-        return metrics, batch.ledger
+        self.version += 1
+        return learned
 
-    def evaluate(self) -> tuple[dict[str, float], list, list[float]]:
-        """Eval metrics, the images and their rewards."""
-        cfg = self.cfg
-        images = sample_eval_images(self.pipeline, self.eval_prompts, cfg.sampling, cfg.seed)
-        scores = self.reward(images, self.eval_prompts)
-        metrics = eval_metrics(images, self.eval_prompts, scores,
-                               shapes_world=cfg.prompts.eval_source == "shapes")
-        return metrics, images, scores.mu.tolist()
-
-    def save_checkpoint(self, iteration: int, tracker: Tracker | None = None) -> str:
-        """The LoRA in diffusers' format under checkpoints/iteration-NNNNNN/lora, also logged to
-        the tracker's run; returns its location."""
-        location = storage.join(checkpoint_dir(self.output_dir, iteration), "lora")
-        with storage.staged_upload(location) as local:
+    def save_checkpoint(self, location: str) -> None:
+        """The adapter in diffusers' format under location/lora."""
+        with storage.staged_upload(storage.join(location, "lora")) as local:
             save_lora(self.pipeline, local)
-            if tracker:
-                tracker.log_artifacts(local, f"checkpoints/{checkpoint_name(iteration)}/lora")
-        return location
 
-    def fit(self, tracker: Tracker | None = None) -> list[dict[str, float]]:
+
+class LocalRollouts:
+    """Samples with the learner's own weights and scores with the reward in this process."""
+
+    def __init__(self, cfg: TrainConfig, learner: LocalLearner, reward: RewardFn):
+        self.cfg, self.learner, self.reward = cfg, learner, reward
+
+    async def produce(self, iteration: int, prompts: list[tuple[int, str]]) -> IterationRollouts:
         cfg = self.cfg
-        if tracker:
-            tracker.log_config(cfg)
-        history = []
+        start = time.perf_counter()
+        groups = sample_groups(
+            self.learner.pipeline, [p for _, p in prompts], [i for i, _ in prompts], iteration,
+            self.learner.version, cfg.seed, cfg.grpo.group_size, cfg.sampling)
+        sampled = time.perf_counter()
+        scored = score_groups(self.reward, groups)
+        rollout_s = sampled - start
+        return IterationRollouts(iteration, scored, rollout_s=rollout_s,
+                                 rollout_compute_s=rollout_s,
+                                 reward_s=time.perf_counter() - sampled, metrics={})
+
+    async def evaluate(self, prompts: list[str]):
+        images = sample_eval_images(self.learner.pipeline, prompts, self.cfg.sampling,
+                                    self.cfg.seed)
+        return images, self.reward(images, prompts)
+
+
+class SharedWeights:
+    """Rollouts and learner are one model: a published version is already in use."""
+
+    def publish(self) -> None:
+        pass
+
+    async def start(self) -> float:
+        return 0.0
+
+
+class InProcessBackend:
+    max_staleness = 0  # sample, then learn, on the same weights
+
+    def __init__(self, cfg: TrainConfig):
+        self.device = resolve_device(cfg.device)
+        self.learners = LocalLearner(cfg, load_flux_pipeline(cfg.model, self.device),
+                                     self.device)
+        self.rollouts = LocalRollouts(cfg, self.learners, build_reward(cfg.reward, self.device))
+        self.weights = SharedWeights()
+        self.counters: Counter = Counter()
+
+    async def on_learners(self, call, *args):
+        return call(*args)
+
+    def progress(self, total: int, done: int) -> tqdm:
+        return tqdm(desc="train", total=total, initial=done, unit="iteration")
+
+
+class InProcessTrainer:
+    """spatialrl.loop on the in-process backend: `InProcessTrainer(cfg).fit(tracker)`."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.output_dir = prepare_output_dir(cfg.output_dir)
+        self.backend = InProcessBackend(cfg)
+        self.pipeline = self.backend.learners.pipeline
+        self.device = self.backend.device
+
+    def fit(self, tracker: Tracker) -> list[dict[str, float]]:
+        self.loop = TrainingLoop(self.cfg, self.backend, tracker, self.output_dir)
         with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-            for iteration in tqdm(range(cfg.iterations), desc="train", unit="iteration"):
-                history.append(self._iteration(iteration, tracker))
-        summary = self.hacking_watch.summary()
-        log.info(summary)
-        if tracker:
-            tracker.set_summary(summary, self.hacking_watch.tags())
-        return history
+            return asyncio.run(self.loop.fit())
 
-    def _iteration(self, iteration: int, tracker: Tracker | None) -> dict[str, float]:
-        """Train, evaluate, checkpoint and log one iteration."""
-        cfg = self.cfg
-        metrics, ledger = self.train_iteration(iteration)
-        write_ledger(self.output_dir, iteration, ledger)
-        last = iteration == cfg.iterations - 1
-        if cfg.eval_every and (iteration % cfg.eval_every == 0 or last):
-            evaluated, images, rewards = self.evaluate()
-            metrics.update(evaluated)
-            metrics.update(self.hacking_watch.update(evaluated, iteration))
-            if tracker:
-                tracker.log_eval_images(images, self.eval_prompts, rewards, iteration)
-        if (cfg.checkpoint_every and (iteration + 1) % cfg.checkpoint_every == 0) or last:
-            self.save_checkpoint(iteration, tracker)
-        log.info("iteration %d/%d: %s", iteration + 1, cfg.iterations, summary_line(metrics))
-        if tracker:
-            tracker.log_metrics(metrics, step=iteration)
-        return metrics
-
+    @property
+    def hacking_watch(self):
+        return self.loop.hacking_watch

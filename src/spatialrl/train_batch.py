@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,22 +22,49 @@ from spatialrl.run_state import LEDGER_FOLDER
 
 @dataclass
 class ScoredGroup:
-    group: RolloutGroup
+    """One prompt's G scored samples, as the loop's learn stage sees them. Their trajectories
+    are rows [first_row, first_row + G) of `source`: a Trajectory in this process, or on Ray
+    a reference to the rollout actor's packed trajectories, which only the learners fetch."""
+
+    prompt: str
+    group_id: int
+    iteration: int
+    version: int  # the policy version that sampled it
+    seeds: list[int]
     mu: torch.Tensor  # [G]
     sigma: torch.Tensor  # [G]
+    source: Any
+    first_row: int = 0
 
-    @property
-    def version(self) -> int:
-        return self.group.version
+    @classmethod
+    def of(cls, group: RolloutGroup, mu: torch.Tensor, sigma: torch.Tensor) -> ScoredGroup:
+        return cls(group.prompt, group.group_id, group.iteration, group.version,
+                   group.trajectory.seeds.tolist(), mu, sigma, group.trajectory)
 
 
 @dataclass
 class TrainBatch:
-    trajectory: Trajectory  # kept samples only
+    samples: list[tuple[Any, int]]  # kept samples only: (source, row), see ScoredGroup
     advantages: torch.Tensor  # [kept]
     versions: torch.Tensor  # [kept] policy version that sampled each trajectory
     metrics: dict[str, float]
     ledger: list[dict]  # one row per sample, kept or not
+
+
+def gather_trajectory(samples: list[tuple[Any, int]], resolve: Callable[[Any], Trajectory]
+                      ) -> Trajectory:
+    """The samples' trajectories in order; `resolve` turns a source into its Trajectory and
+    is called once per distinct source."""
+    resolved: dict[int, tuple[int, Trajectory]] = {}  # id(source) -> (offset, trajectory)
+    offset, rows = 0, []
+    for source, row in samples:
+        if id(source) not in resolved:
+            trajectory = resolve(source)
+            resolved[id(source)] = (offset, trajectory)
+            offset += len(trajectory)
+        rows.append(resolved[id(source)][0] + row)
+    everything = Trajectory.concat([trajectory for _, trajectory in resolved.values()])
+    return everything.select(torch.tensor(rows, dtype=torch.long))
 
 
 def score_groups(reward: RewardFn, groups: list[RolloutGroup]) -> list[ScoredGroup]:
@@ -45,7 +74,7 @@ def score_groups(reward: RewardFn, groups: list[RolloutGroup]) -> list[ScoredGro
     scored, start = [], 0
     for g in groups:
         end = start + len(g.images)
-        scored.append(ScoredGroup(g, out.mu[start:end], out.sigma[start:end]))
+        scored.append(ScoredGroup.of(g, out.mu[start:end], out.sigma[start:end]))
         start = end
     return scored
 
@@ -53,11 +82,11 @@ def score_groups(reward: RewardFn, groups: list[RolloutGroup]) -> list[ScoredGro
 def build_train_batch(scored: list[ScoredGroup], cfg: GRPOConfig) -> TrainBatch:
     mu = torch.cat([s.mu for s in scored]).float()
     sigma = torch.cat([s.sigma for s in scored]).float()
-    group_ids = torch.cat([torch.full((len(s.mu),), s.group.group_id) for s in scored])
-    versions = torch.cat([torch.full((len(s.mu),), s.group.version) for s in scored])
+    group_ids = torch.cat([torch.full((len(s.mu),), s.group_id) for s in scored])
+    versions = torch.cat([torch.full((len(s.mu),), s.version) for s in scored])
     adv = compute_advantages(mu, group_ids, cfg, sigma)
     kept_index = torch.nonzero(adv.kept).flatten()
-    trajectory = Trajectory.concat([s.group.trajectory for s in scored]).select(kept_index)
+    every_sample = [(s.source, s.first_row + i) for s in scored for i in range(len(s.mu))]
 
     finite = torch.isfinite(mu)
     kept_adv = adv.advantages[adv.kept]
@@ -80,18 +109,18 @@ def build_train_batch(scored: list[ScoredGroup], cfg: GRPOConfig) -> TrainBatch:
         for i in range(len(s.mu)):
             ledger.append(ledger_row(s, i, float(adv.advantages[n]), bool(adv.kept[n])))
             n += 1
-    return TrainBatch(trajectory, adv.advantages[kept_index], versions[kept_index], metrics, ledger)
+    return TrainBatch([every_sample[i] for i in kept_index.tolist()], adv.advantages[kept_index],
+                      versions[kept_index], metrics, ledger)
 
 
 def ledger_row(scored: ScoredGroup, index: int, advantage: float, kept: bool) -> dict:
     """One sample's line in the per-sample ledger."""
-    group = scored.group
     return {
-        "prompt": group.prompt,
-        "group_id": group.group_id,
-        "iteration": group.iteration,
-        "seed": int(group.trajectory.seeds[index]),
-        "version": group.version,
+        "prompt": scored.prompt,
+        "group_id": scored.group_id,
+        "iteration": scored.iteration,
+        "seed": scored.seeds[index],
+        "version": scored.version,
         "mu": float(scored.mu[index]),
         "sigma": float(scored.sigma[index]),
         "advantage": advantage,

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.backend == "ray":
-        from spatialrl.learners.trainer import train_on_ray
+        from spatialrl.learners.ray_backend import train_on_ray
 
         run_id = train_on_ray(cfg, resume=args.resume)
     else:
