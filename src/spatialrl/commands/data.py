@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pairs.add_argument("--batch-size", type=_positive_int, default=4,
                        help="pairs per pipeline call")
+    pairs.add_argument("--max-sequence-length", type=_positive_int, default=512,
+                       help="text tokens per prompt (models/shapes-flux was trained with 40)")
     pairs.add_argument("--world", choices=["shapes", "real"], default="shapes",
                        help="the prompts: coloured shapes, or real objects (COCO classes)")
     pairs.add_argument(
@@ -133,9 +135,8 @@ def run_pairs(args: argparse.Namespace) -> int:
     pipeline = load_generator(args.model, dtype, device)
     for split in SPLITS:
         chosen = [p for p in prompt_pairs if p.split == split]
-        records = generate_pairs(
-            pipeline, chosen, args.model, args.size, args.steps, args.batch_size
-        )
+        records = generate_pairs(pipeline, chosen, args.model, args.size, args.steps,
+                                 args.batch_size, args.max_sequence_length)
         count = write_pairs(args.out / f"{split}.parquet",
                             verifier.keep(records) if verifier else records)
         if verifier:

@@ -88,8 +88,11 @@ def generate_pairs(
     size: int,
     steps: int,
     batch_size: int = 4,
+    max_sequence_length: int = 512,
 ) -> Iterator[PreferencePair]:
-    """One pipeline call per batch_size pairs (2 x batch_size images)."""
+    """One pipeline call per batch_size pairs (2 x batch_size images); prompts are encoded
+    with `max_sequence_length` text tokens (FLUX.1-dev's 512; a generator trained with fewer
+    draws worse with more)."""
     for start in range(0, len(prompt_pairs), batch_size):
         batch = prompt_pairs[start : start + batch_size]
         images = pipeline(
@@ -97,6 +100,7 @@ def generate_pairs(
             height=size,
             width=size,
             num_inference_steps=steps,
+            max_sequence_length=max_sequence_length,
             # One CPU generator per image, the pair's two seeded alike: the same initial
             # noise for both sides on any device.
             generator=[
