@@ -26,14 +26,13 @@ Backbone choices are applied to the tiny model's config before its random weight
 7B's 0.02 leaves the tiny model on a long, seed-dependent plateau).
 --train-mode lora trains what `spatialrl reward train` trains (LoRA, head, reward token);
 full trains every weight, vision tower included.
---caption-steps N first pretrains every backbone weight for N steps on shapes-world layout
-captions (spatialrl.tiny.pretraining), the stand-in for a pretrained VLM.
+(Layout-caption pretraining of the backbone was tried here and measured not to help; it was
+removed from the project on 2026-12-07, see bench/README.md.)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -55,11 +54,6 @@ from spatialrl.reward.model import SpatialScore
 from spatialrl.reward.train_config import RewardOptimConfig
 from spatialrl.reward.training import batch_at, encode_pairs, make_optimizer, pair_loss
 from spatialrl.tiny import save_atomically
-from spatialrl.tiny.pretraining import (
-    PRETRAINING_RECORD,
-    CaptionPretraining,
-    pretrain_on_layout_captions,
-)
 from spatialrl.tiny.qwen_vl import fan_in_std, write_tiny_qwen_vl
 
 TASK_PAIRS = {task: partial(curriculum_pairs, task) for task in CURRICULUM_TASKS}
@@ -100,19 +94,8 @@ def build_model(args: argparse.Namespace, workdir: Path) -> SpatialScore:
     )
     torch.manual_seed(args.seed)
     backbone = Qwen2_5_VLForConditionalGeneration(config)
-    if args.caption_steps:
-        # Through folders, as a pretrained base model would come: random -> captioned.
-        random_dir = save_atomically(workdir / "random", [backbone, *processing(base)])
-        settings = CaptionPretraining(steps=args.caption_steps, batch_size=args.batch_size,
-                                      seed=args.seed)
-        captioned = pretrain_on_layout_captions(random_dir, workdir / "captioned", settings)
-        torch.manual_seed(args.seed)
-        model = SpatialScore.from_config(
-            score_config.model_copy(update={"base_model": str(captioned)}))
-    else:
-        model = SpatialScore.from_backbone(
-            backbone, SpatialScoreProcessor.from_config(score_config), score_config
-        )
+    model = SpatialScore.from_backbone(
+        backbone, SpatialScoreProcessor.from_config(score_config), score_config)
     return model.requires_grad_(True) if args.train_mode == "full" else model
 
 
@@ -232,8 +215,6 @@ def main() -> None:
     parser.add_argument("--init-std", type=float,
                         help="std of the random weights; default 1/sqrt(width) per tower, as "
                         "spatialrl tiny-models draws them (0.02, the 7B's, before 2026-12)")
-    parser.add_argument("--caption-steps", type=int, default=0,
-                        help="layout-caption pretraining of the backbone before SpatialScore")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--then", type=stage_arg, action="append", default=[],
@@ -252,8 +233,6 @@ def main() -> None:
     pairs_by_task = {task: task_pairs(task, args) for stage in stages for task in stage.tasks}
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args, Path(tmp))
-        record = Path(tmp) / "captioned" / PRETRAINING_RECORD
-        pretraining = json.loads(record.read_text()) if record.is_file() else None
         history = [entry for stage in stages
                    for entry in train(args, model, stage, pairs_by_task)]
         finals = heldout_by_task(model, pairs_by_task, pairs_by_task)
@@ -268,7 +247,6 @@ def main() -> None:
         "pairs": {task: {split: len(records) for split, records in pairs.items()}
                   for task, pairs in pairs_by_task.items()},
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "caption_pretraining": pretraining,
         "history": history,
         "final_heldout_accuracy": history[-1]["heldout_accuracy"] if history else None,
         "final_heldout_accuracy_by_task": finals,

@@ -308,7 +308,7 @@ def scene_to_prompt(scene: Scene) -> str:
 
 def relations_to_text(objects: Sequence[SceneObject], relations: Sequence[Relation]) -> str:
     """One clause per relation, an object named in full at its first mention. Unlike a
-    Scene, the relations may repeat a pair of objects (as layout captions do)."""
+    Scene, the relations may be any subset (as the verifier names the failing ones)."""
     mentioned: set[int] = set()
     clauses = []
     for rel in relations:
