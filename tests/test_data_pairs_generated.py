@@ -37,7 +37,8 @@ def test_data_pairs_cli_with_tiny_flux(tiny_flux_path, tmp_path, capsys):
     out = tmp_path / "pairs"
     argv = ["data", "pairs", "--model", str(tiny_flux_path), "--out", str(out), "--n", "3",
             "--size", "32", "--steps", "2", "--seed", "1", "--test-fraction", "0.34",
-            "--batch-size", "2", "--device", "cpu", "--verifier", "none"]
+            "--batch-size", "2", "--device", "cpu", "--verifier", "none",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "train: 2 pairs" in printed and "test: 1 pairs" in printed

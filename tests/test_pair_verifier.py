@@ -2,6 +2,7 @@
 rejected image breaks it, and says why it dropped the others. Judged by the rule evaluator's
 colour reading on shapes renders, and wired to a tiny random OWLv2 for real objects."""
 
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -122,7 +123,8 @@ def test_data_pairs_verifies_real_object_pairs_with_a_detector(
     out = tmp_path / "pairs"
     argv = ["data", "pairs", "--world", "real", "--model", str(tiny_flux_path), "--out",
             str(out), "--n", "4", "--size", "32", "--steps", "2", "--test-fraction", "0.25",
-            "--device", "cpu", "--detector", str(tiny_owlv2_path)]
+            "--device", "cpu", "--detector", str(tiny_owlv2_path),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     assert main([*argv, "--detector-threshold", "1.0"]) == 0  # nothing is ever found
     verdicts = pq.read_table(out / "verification.parquet")
     assert verdicts.schema.equals(VERDICT_SCHEMA)
@@ -132,6 +134,7 @@ def test_data_pairs_verifies_real_object_pairs_with_a_detector(
     assert read_pairs(out / "train.parquet").pairs == []
     assert "train: verification dropped {'preferred_object_missing': 3}" in capsys.readouterr().out
 
+    shutil.rmtree(out)  # its shards were made with the other threshold
     assert main([*argv, "--detector-threshold", "0.0"]) == 0  # everything is found
     rows = pq.read_table(out / "verification.parquet").to_pylist()
     assert {r["reason"] for r in rows} <= REASONS - {"preferred_object_missing"} | {None}

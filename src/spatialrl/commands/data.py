@@ -71,6 +71,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pairs.add_argument("--device", help="default: cuda if available, else cpu")
     pairs.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                        help="default: bfloat16 on cuda, float32 on cpu")
+    pairs.add_argument(
+        "--shard-size", type=_positive_int, default=64,
+        help="pairs per shard: the unit of work, each written to DIR/shards as it finishes; "
+             "a rerun of the same command skips the shards already there",
+    )
+    pairs.add_argument("--ray", action="store_true",
+                       help="make the shards with a Ray Data job (spatialrl.actors.pair_job)")
+    pairs.add_argument("--address", help="with --ray: the cluster to join (default: "
+                       "RAY_ADDRESS, else a new local instance)")
+    pairs.add_argument("--workers", type=_positive_int, default=1,
+                       help="with --ray: workers, each holding a pipeline and a verifier")
+    pairs.add_argument("--gpus-per-worker", type=float, default=1.0,
+                       help="with --ray: 0 on machines without GPUs")
+    pairs.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --ray")
+    pairs.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
+                       help="MLflow store for the job's throughput, kept fraction and drops")
+    pairs.add_argument("--experiment", default="spatialrl-data", help="MLflow experiment")
     pairs.set_defaults(func=run_pairs)
 
     prompts = commands.add_parser("prompts", help="an RL prompt file (columns prompt, split)")
@@ -119,55 +136,49 @@ def run_shapes(args: argparse.Namespace) -> int:
 
 
 def run_pairs(args: argparse.Namespace) -> int:
-    import torch
+    from spatialrl.config import MlflowConfig
+    from spatialrl.data.pair_shards import PairSetSpec, make_pair_set, resolve_verifier
+    from spatialrl.data.verify import dropped_by_reason
+    from spatialrl.tracking import Tracker, run_name
 
-    from spatialrl.data.generated import generate_pairs, load_generator, sample_prompt_pairs
-    from spatialrl.data.pairs import SPLITS, write_pairs
-    from spatialrl.data.verify import write_verdicts
-    from spatialrl.data.worlds import WORLDS
-
-    world = WORLDS[args.world]
-    prompt_pairs = sample_prompt_pairs(args.n, args.model, args.seed, args.test_fraction, world)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
-    # Before the pipeline: a bad detector fails fast.
-    verifier = _pair_verifier(args, device, world.vocabulary)
-    pipeline = load_generator(args.model, dtype, device)
-    for split in SPLITS:
-        chosen = [p for p in prompt_pairs if p.split == split]
-        records = generate_pairs(pipeline, chosen, args.model, args.size, args.steps,
-                                 args.batch_size, args.max_sequence_length)
-        count = write_pairs(args.out / f"{split}.parquet",
-                            verifier.keep(records) if verifier else records)
-        if verifier:
-            kept = {v.pair_id for v in verifier.verdicts if v.kept}
-            chosen = [p for p in chosen if p.pair_id in kept]
-            print(f"{split}: verification dropped {verifier.dropped_by_reason(split)}")
-        _report_split(split, count, args.out, [p.num_perturbed for p in chosen])
-    if verifier:
-        write_verdicts(args.out / "verification.parquet", verifier.verdicts)
+    spec = PairSetSpec(
+        model=args.model, n=args.n, seed=args.seed, test_fraction=args.test_fraction,
+        world=args.world, steps=args.steps, size=args.size, batch_size=args.batch_size,
+        max_sequence_length=args.max_sequence_length,
+        verifier=resolve_verifier(args.verifier, args.world), detector=args.detector,
+        detector_threshold=args.detector_threshold, shard_size=args.shard_size,
+    )
+    mlflow = MlflowConfig(tracking_uri=args.tracking_uri, experiment=args.experiment)
+    with _shard_runner(spec, args) as run_shards, Tracker(
+        mlflow, name=run_name("pairs", args.model),
+        tags={"backend": "ray" if args.ray else "inprocess"},
+    ) as tracker:
+        result = make_pair_set(spec, args.out, run_shards, tracker)
+    for split, num_perturbed in result.kept.items():
+        if result.verdicts:
+            print(f"{split}: verification dropped {dropped_by_reason(result.verdicts, split)}")
+        _report_split(split, len(num_perturbed), args.out, num_perturbed)
     return 0
 
 
-def _pair_verifier(args: argparse.Namespace, device: str, vocabulary):
-    """The PairVerifier that --verifier names for --world, or None."""
-    from spatialrl.data.judge import ColourLocator
-    from spatialrl.data.verify import PairVerifier
+def _shard_runner(spec, args: argparse.Namespace):
+    """A context giving the function that makes shards: a Ray Data job with --ray, else this
+    process (whose pipeline is loaded first, so a bad --model fails before anything else)."""
+    from contextlib import nullcontext
 
-    kind = args.verifier
-    if kind == "auto":
-        kind = "rules" if args.world == "shapes" else "detector"
-    if kind == "none":
-        return None
-    if kind == "rules":
-        if args.world != "shapes":
-            raise InputError("--verifier rules reads shapes by colour: use it with --world shapes")
-        locator = ColourLocator()
-    else:
-        from spatialrl.detection import OwlDetector
+    from spatialrl.data.generated import check_generator
+    from spatialrl.data.pair_shards import ShardMaker
 
-        locator = OwlDetector.from_pretrained(args.detector, device, args.detector_threshold)
-    return PairVerifier(locator, vocabulary)
+    if not args.ray:
+        if args.address:
+            raise InputError("--address names a Ray cluster: use it with --ray")
+        maker = ShardMaker(spec, args.out, args.device, args.dtype)
+        return nullcontext(lambda todo: (maker.make(index) for index in todo))
+    from spatialrl.actors.pair_job import PairWorkers, ray_shard_runner
+
+    check_generator(args.model)  # on the driver: a bad --model fails before Ray starts
+    workers = PairWorkers(args.workers, args.gpus_per_worker, args.cpus_per_worker)
+    return ray_shard_runner(spec, args.out, workers, args.address, args.device, args.dtype)
 
 
 def _report_split(split: str, count: int, out: Path, num_perturbed: list[int]) -> None:

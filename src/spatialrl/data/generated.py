@@ -50,9 +50,21 @@ def load_generator(model: str, dtype: str = "float32", device: str = "cpu") -> D
     try:
         pipeline = DiffusionPipeline.from_pretrained(model, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:  # no such folder, or a hub id that cannot be loaded
-        raise FileNotFoundError(f"--model {model!r}: no diffusers pipeline there ({err})") from err
+        raise _no_pipeline(model, err) from err
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def check_generator(model: str) -> None:
+    """The error load_generator would raise for a missing pipeline, from its config alone."""
+    try:
+        DiffusionPipeline.load_config(model)
+    except (OSError, ValueError) as err:
+        raise _no_pipeline(model, err) from err
+
+
+def _no_pipeline(model: str, err: Exception) -> FileNotFoundError:
+    return FileNotFoundError(f"--model {model!r}: no diffusers pipeline there ({err})")
 
 
 def sample_prompt_pairs(

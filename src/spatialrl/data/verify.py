@@ -99,8 +99,12 @@ class PairVerifier:
             if reason is None:
                 yield pair
 
-    def dropped_by_reason(self, split: str) -> dict[str, int]:
-        return dict(Counter(v.reason for v in self.verdicts if v.split == split and v.reason))
+
+def dropped_by_reason(verdicts: Iterable[PairVerdict], split: str | None = None
+                      ) -> dict[str, int]:
+    """How many pairs each reason dropped (of `split`, or of all)."""
+    return dict(Counter(v.reason for v in verdicts
+                        if v.reason and split in (None, v.split)))
 
 
 def write_verdicts(path: str | Path, verdicts: Iterable[PairVerdict]) -> None:
@@ -108,3 +112,7 @@ def write_verdicts(path: str | Path, verdicts: Iterable[PairVerdict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [asdict(v) for v in verdicts]
     pq.write_table(pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA), path)
+
+
+def read_verdicts(path: str | Path) -> list[PairVerdict]:
+    return [PairVerdict(**row) for row in pq.read_table(path, schema=VERDICT_SCHEMA).to_pylist()]
