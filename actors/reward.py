@@ -31,7 +31,7 @@ from tenacity import (
 )
 
 from spatialrl.config import RewardConfig, TrainConfig
-from spatialrl.rewards import build_reward, reward_input_pixels, reward_version
+from spatialrl.reward_functions import build_reward, reward_input_pixels, reward_version
 
 APP_NAME = "spatialrl-reward"
 
@@ -78,12 +78,12 @@ class RewardDeployment:
         self._score_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
 
     def version(self) -> str:
-        """The reward version (spatialrl.rewards.reward_version) this replica loaded."""
+        """The reward version (spatialrl.reward_functions.reward_version) this replica loaded."""
         return self._version
 
     def input_pixels(self) -> int | None:
-        """The most pixels of an image the reward reads (spatialrl.rewards.reward_input_pixels):
-        callers may downscale larger images to this before sending them."""
+        """The most pixels of an image the reward reads (reward_input_pixels in
+        spatialrl.reward_functions): callers may downscale larger images to this first."""
         return self._input_pixels
 
     async def score(self, items: Sequence) -> dict[str, list | str]:

@@ -21,10 +21,10 @@ from ray.serve.handle import DeploymentHandle
 from spatialrl.actors.reward import APP_NAME, GroupScore, score_on_deployment
 from spatialrl.broadcast import broadcast_tensors, open_group, weights_fingerprint
 from spatialrl.config import TrainConfig
-from spatialrl.evaluation import sample_eval_images
 from spatialrl.flux.loading import load_flux_pipeline, resolve_device
 from spatialrl.flux.lora import add_lora, load_lora_state_dict, lora_checksum, lora_state_dict
 from spatialrl.flux.sampler import Trajectory
+from spatialrl.policy_evaluation import sample_eval_images
 from spatialrl.rollout import RolloutGroup, sample_groups
 from spatialrl.train_batch import ScoredGroup
 

@@ -26,12 +26,12 @@ from PIL import Image
 from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
 from ray.util.placement_group import remove_placement_group
 
-from spatialrl.actors.placement import in_bundle, reserve
+from spatialrl.actors.placement_groups import in_bundle, reserve
 from spatialrl.actors.rollout import RolloutActor, unpack_group
 from spatialrl.config import TrainConfig
 from spatialrl.loop import IterationRollouts
-from spatialrl.placement import role_bundles
-from spatialrl.rewards import RewardOutput
+from spatialrl.reward_functions import RewardOutput
+from spatialrl.role_resources import role_bundles
 
 log = logging.getLogger(__name__)
 

@@ -35,13 +35,13 @@ from results_file import write_result
 
 from spatialrl.commands.tiny_models import write_tiny_models
 from spatialrl.config import RewardConfig
-from spatialrl.data.evaluate import evaluate
 from spatialrl.data.pairs import read_pairs
+from spatialrl.data.rule_evaluator import evaluate
 from spatialrl.data.shapes import sample_prompts
 from spatialrl.generation import ShapesCandidates, best_index, candidate_seeds
 from spatialrl.reward import SpatialScore, SpatialScoreConfig
 from spatialrl.reward.evaluation import accuracy_summary, score_pairs
-from spatialrl.rewards import build_reward, reward_version
+from spatialrl.reward_functions import build_reward, reward_version
 from spatialrl.service.config import ShapesGeneratorConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,7 +33,7 @@ from spatialrl.commands.tiny_models import QWEN_VL_DIR, write_tiny_models
 from spatialrl.config import load_config
 from spatialrl.data.pairs import read_pairs, write_pairs
 from spatialrl.data.shapes import build_shapes_pairs
-from spatialrl.learners.reward_trainer import train_reward_model
+from spatialrl.learners.spatialscore_trainer import train_reward_model
 from spatialrl.reward.evaluation import accuracy_summary, score_pairs
 from spatialrl.reward.model import SpatialScore
 from spatialrl.reward.train_config import RewardTrainConfig

@@ -23,7 +23,7 @@ from results_file import write_result
 from reward_accuracy import mu_by_num_perturbed
 
 from spatialrl.data.pairs import read_pairs
-from spatialrl.learners.reward_trainer import RUN_FILE, newest_model
+from spatialrl.learners.spatialscore_trainer import RUN_FILE, newest_model
 from spatialrl.reward.evaluation import accuracy_summary, score_pairs
 from spatialrl.reward.model import SpatialScore
 

@@ -29,7 +29,7 @@ from spatialrl.config import RewardConfig
 from spatialrl.data.grammar import sample_scene, scene_to_prompt
 from spatialrl.data.render import render
 from spatialrl.reward import SpatialScore, SpatialScoreConfig
-from spatialrl.rewards import build_reward
+from spatialrl.reward_functions import build_reward
 
 
 def shapes_group(size: int) -> tuple[list[str], np.ndarray]:

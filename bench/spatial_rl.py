@@ -38,11 +38,11 @@ from PIL import Image
 from results_file import write_result
 
 from spatialrl.config import TrainConfig, load_config
-from spatialrl.evaluation import rule_figures, sample_eval_images
 from spatialrl.flux.loading import load_flux_pipeline
 from spatialrl.inprocess import InProcessTrainer
+from spatialrl.policy_evaluation import rule_figures, sample_eval_images
 from spatialrl.prompts import eval_prompts
-from spatialrl.rewards import spatialscore
+from spatialrl.reward_functions import spatialscore
 from spatialrl.tracking import Tracker
 
 SPATIALSCORE = "models/spatialscore-shapes"

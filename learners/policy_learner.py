@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ray.exceptions import ObjectLostError
 
 from spatialrl import storage
-from spatialrl.actors.placement import in_bundle, release, reserve
+from spatialrl.actors.placement_groups import in_bundle, release, reserve
 from spatialrl.broadcast import broadcast_tensors, open_group, weights_fingerprint
 from spatialrl.config import PolicyModelConfig, TrainConfig
 from spatialrl.deepspeed_checkpoints import load_weights_only
@@ -31,8 +31,8 @@ from spatialrl.flux.lora import add_lora, lora_checksum, lora_state_dict, save_l
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.grpo.loss import sample_train_steps
 from spatialrl.grpo.update import grpo_update
-from spatialrl.placement import role_bundles
 from spatialrl.recovery import SamplesLost
+from spatialrl.role_resources import role_bundles
 from spatialrl.train_batch import TrainBatch, gather_trajectory
 
 CHECKPOINT_TAG = "learner"

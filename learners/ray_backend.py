@@ -32,8 +32,8 @@ from spatialrl.config import TrainConfig
 from spatialrl.learners.policy_learner import LearnerGroup
 from spatialrl.learners.weight_sync import weight_sync_for
 from spatialrl.loop import TrainingLoop
-from spatialrl.placement import check_cluster_fits
 from spatialrl.recovery import LearnerLost
+from spatialrl.role_resources import check_cluster_fits
 from spatialrl.run_state import RunState, latest_checkpoint, prepare_output_dir
 from spatialrl.tracking import Tracker, check_tracking_uri, run_name
 

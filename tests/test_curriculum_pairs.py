@@ -5,9 +5,9 @@ import pytest
 
 from spatialrl.cli import main
 from spatialrl.data.curriculum import CURRICULUM_TASKS, RELATION_TASKS, curriculum_pairs
-from spatialrl.data.evaluate import evaluate
 from spatialrl.data.grammar import parse_prompt
 from spatialrl.data.pairs import decode_image, read_pairs
+from spatialrl.data.rule_evaluator import evaluate
 from spatialrl.data.shapes import HELD_OUT_COMBOS
 
 

@@ -9,7 +9,7 @@ from spatialrl.cli import main
 from spatialrl.data.grammar import parse_prompt
 from spatialrl.data.render import render
 from spatialrl.data.shapes import sample_prompts
-from spatialrl.evaluation import reversed_prompt, rule_figures
+from spatialrl.policy_evaluation import reversed_prompt, rule_figures
 
 
 def test_reversed_prompt_states_the_opposite_of_every_relation():

@@ -11,10 +11,9 @@ import torch
 import yaml
 from PIL import Image
 
-from spatialrl.checksum import files_checksum
 from spatialrl.cli import main
 from spatialrl.config import PolicyModelConfig, RewardConfig
-from spatialrl.data.evaluate import evaluate
+from spatialrl.data.rule_evaluator import evaluate
 from spatialrl.data.shapes import sample_prompts
 from spatialrl.errors import InputError
 from spatialrl.flux.loading import load_flux_pipeline
@@ -25,7 +24,8 @@ from spatialrl.generation import (
     best_index,
     best_of_n,
 )
-from spatialrl.rewards import build_reward, reward_version, shapes_rule
+from spatialrl.model_checksum import files_checksum
+from spatialrl.reward_functions import build_reward, reward_version, shapes_rule
 from spatialrl.service.config import FluxGeneratorConfig, ShapesGeneratorConfig
 
 PROMPT = "a red circle to the left of a blue square"

@@ -13,7 +13,7 @@ from spatialrl.flux.loading import load_flux_pipeline, load_flux_transformer
 from spatialrl.flux.lora import add_lora, lora_checksum, lora_state_dict
 from spatialrl.grpo.update import TorchOptimization, grpo_update
 from spatialrl.learners.policy_learner import SHUFFLE_STREAM, LearnerGroup, update_generator
-from spatialrl.rewards import build_reward
+from spatialrl.reward_functions import build_reward
 from spatialrl.rollout import sample_groups
 from spatialrl.train_batch import build_train_batch, gather_trajectory, score_groups
 

@@ -15,10 +15,10 @@ from ray import serve
 
 from spatialrl import storage
 from spatialrl.config import load_config
-from spatialrl.evaluation import eval_metrics, sample_eval_images
 from spatialrl.learners.ray_backend import train_on_ray
+from spatialrl.policy_evaluation import eval_metrics, sample_eval_images
 from spatialrl.prompts import eval_prompts
-from spatialrl.rewards import spatialscore
+from spatialrl.reward_functions import spatialscore
 from spatialrl.run_state import checkpoint_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]

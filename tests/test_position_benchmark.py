@@ -11,14 +11,14 @@ import torch
 
 from spatialrl.cli import main
 from spatialrl.config import PolicyModelConfig, SamplingConfig
-from spatialrl.data.evaluate import evaluate
 from spatialrl.data.grammar import Predicate, Relation, SceneObject
 from spatialrl.data.judge import geneval_relation_holds
 from spatialrl.data.pairs import decode_image
+from spatialrl.data.rule_evaluator import evaluate
 from spatialrl.data.shapes import build_shapes_pairs, sample_prompts
 from spatialrl.errors import InputError
-from spatialrl.evaluation import reversed_prompt, rule_figures, sample_eval_images
 from spatialrl.flux.loading import load_flux_pipeline
+from spatialrl.policy_evaluation import reversed_prompt, rule_figures, sample_eval_images
 from spatialrl.position_benchmark import read_benchmark, read_geneval_positions
 
 GENERATOR = Path(__file__).resolve().parents[1] / "models" / "shapes-flux"

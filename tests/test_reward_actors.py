@@ -19,7 +19,7 @@ from spatialrl.data.grammar import sample_scene, scene_to_prompt
 from spatialrl.data.perturb import perturb
 from spatialrl.data.render import render
 from spatialrl.reward import SpatialScore, SpatialScoreConfig
-from spatialrl.rewards import build_reward
+from spatialrl.reward_functions import build_reward
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

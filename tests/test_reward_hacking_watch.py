@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from spatialrl.evaluation import RewardHackingWatch, pairwise_agreement
+from spatialrl.policy_evaluation import RewardHackingWatch, pairwise_agreement
 
 
 def test_agreement_counts_only_pairs_the_rule_tells_apart():

@@ -171,7 +171,7 @@ def test_cli_names_a_missing_column(tiny_qwen_path, pairs_dir, tmp_path, capsys)
 
 def test_data_and_run_problems_fail_before_any_worker_starts(tiny_qwen_path, pairs_dir,
                                                              tmp_path):
-    from spatialrl.learners.reward_trainer import train_reward_model
+    from spatialrl.learners.spatialscore_trainer import train_reward_model
 
     cfg = load_config(LOCAL_CONFIG, overrides(tiny_qwen_path, pairs_dir, tmp_path),
                       model=RewardTrainConfig)
@@ -193,7 +193,7 @@ def test_data_and_run_problems_fail_before_any_worker_starts(tiny_qwen_path, pai
 
 
 def test_init_from_problems_fail_before_any_worker_starts(tiny_qwen_path, pairs_dir, tmp_path):
-    from spatialrl.learners.reward_trainer import train_reward_model
+    from spatialrl.learners.spatialscore_trainer import train_reward_model
     from spatialrl.reward.model import SpatialScore
 
     cfg = load_config(LOCAL_CONFIG, overrides(tiny_qwen_path, pairs_dir, tmp_path),
@@ -246,7 +246,7 @@ def metric_history(client, run_id, key):
 def test_train_stop_resume_matches_an_uninterrupted_run(
     local_ray, tiny_qwen_path, pairs_dir, tmp_path
 ):
-    from spatialrl.learners.reward_trainer import RUN_FILE, train_reward_model
+    from spatialrl.learners.spatialscore_trainer import RUN_FILE, train_reward_model
     from spatialrl.reward.model import SpatialScore
 
     db = tmp_path / "mlflow.db"
@@ -313,7 +313,7 @@ def test_a_full_finetune_continues_from_an_earlier_run(
 ):
     """A curriculum's next stage: init_from an earlier run's output_dir starts from its newest
     checkpoint, every backbone weight included (finetune full)."""
-    from spatialrl.learners.reward_trainer import train_reward_model
+    from spatialrl.learners.spatialscore_trainer import train_reward_model
     from spatialrl.reward.model import SpatialScore
 
     db = tmp_path / "mlflow.db"
@@ -350,8 +350,8 @@ def test_resume_and_init_from_refuse_a_changed_checkpoint_file(
 ):
     """Each rank lists the sha256 of the files it wrote; a file of another rank than 0,
     changed, stops `reward train --resume` with one line naming it, before anything loads."""
-    from spatialrl.checksums import CheckpointError
-    from spatialrl.learners.reward_trainer import train_reward_model, verify_checkpoint
+    from spatialrl.checkpoint_digests import CheckpointError
+    from spatialrl.learners.spatialscore_trainer import train_reward_model, verify_checkpoint
 
     tiny = ("optim.steps=1", "optim.warmup_steps=0", "checkpoint_every=0", "eval_every=0")
     first = train_reward_model(train_config(
@@ -402,7 +402,7 @@ def test_config_counts_accumulation():
 
 
 def test_the_step_line_names_the_step_of_the_total_and_the_loss():
-    from spatialrl.learners.reward_trainer import step_line
+    from spatialrl.learners.spatialscore_trainer import step_line
 
     metrics = {"train/loss": 0.693147, "train/accuracy": 0.5, "train/step_s": 3.0,
                "eval/accuracy": 0.75}

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from spatialrl.config import RewardConfig
 from spatialrl.reward import SpatialScoreConfig
 from spatialrl.reward.inputs import max_input_pixels
-from spatialrl.rewards import reward_input_pixels
+from spatialrl.reward_functions import reward_input_pixels
 from spatialrl.service.admission import Admission, PixelBudget
 from spatialrl.service.api import (
     ImageRef,

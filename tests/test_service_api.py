@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from spatialrl.checksum import files_checksum
 from spatialrl.config import ConfigError, PolicyModelConfig, RewardConfig, load_config
 from spatialrl.flux.loading import load_flux_pipeline
+from spatialrl.model_checksum import files_checksum
 from spatialrl.reward import SpatialScore, SpatialScoreConfig
-from spatialrl.rewards import reward_version
+from spatialrl.reward_functions import reward_version
 from spatialrl.service.api import (
     ImageRef,
     RequestError,

@@ -25,14 +25,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from spatialrl.actors.service import APP_NAME, GeneratorDeployment, start_service
-from spatialrl.checksum import files_checksum
 from spatialrl.config import PolicyModelConfig, RewardConfig
 from spatialrl.data.grammar import sample_scene, scene_to_prompt
 from spatialrl.data.perturb import perturb, perturbable_indices
 from spatialrl.data.render import render
 from spatialrl.errors import InputError
 from spatialrl.generation import LORA_WEIGHTS_FILE, FluxCandidates
-from spatialrl.rewards import build_reward, reward_version
+from spatialrl.model_checksum import files_checksum
+from spatialrl.reward_functions import build_reward, reward_version
 from spatialrl.service.api import ImageRef, decode_pixels, probability_preferred, read_image
 from spatialrl.service.client import ServiceError, SpatialScoreClient
 from spatialrl.service.config import (

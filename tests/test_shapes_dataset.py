@@ -5,9 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from spatialrl.commands import data as data_command
-from spatialrl.data.evaluate import evaluate
 from spatialrl.data.grammar import COLOURS, SHAPES, parse_prompt
 from spatialrl.data.pairs import decode_image, read_pairs
+from spatialrl.data.rule_evaluator import evaluate
 from spatialrl.data.shapes import (
     HELD_OUT_COMBOS,
     TRAIN_COMBOS,

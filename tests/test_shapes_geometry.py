@@ -5,8 +5,8 @@ import math
 import pytest
 from PIL import Image, ImageDraw
 
-from spatialrl.data.evaluate import evaluate
 from spatialrl.data.grammar import COLOURS
+from spatialrl.data.rule_evaluator import evaluate
 
 SIZE = 100
 

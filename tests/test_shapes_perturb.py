@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from spatialrl.data.evaluate import evaluate
 from spatialrl.data.grammar import (
     Predicate,
     Relation,
@@ -12,6 +11,7 @@ from spatialrl.data.grammar import (
 )
 from spatialrl.data.perturb import PerturbError, perturb
 from spatialrl.data.render import render
+from spatialrl.data.rule_evaluator import evaluate
 
 
 def _perturbable_scene(rng, n):

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from spatialrl.data.evaluate import evaluate, relation_accuracy, soft_relation_score
 from spatialrl.data.grammar import (
     CONTACT_PREDICATES,
     CONVERSE,
@@ -13,6 +12,7 @@ from spatialrl.data.grammar import (
     scene_to_prompt,
 )
 from spatialrl.data.render import render
+from spatialrl.data.rule_evaluator import evaluate, relation_accuracy, soft_relation_score
 
 
 def _scenes(count, seed):

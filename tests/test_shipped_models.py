@@ -8,8 +8,8 @@ import torch
 
 from spatialrl.config import PolicyModelConfig, SamplingConfig
 from spatialrl.data.shapes import build_shapes_pairs, sample_prompts
-from spatialrl.evaluation import rule_figures, sample_eval_images
 from spatialrl.flux.loading import load_flux_pipeline
+from spatialrl.policy_evaluation import rule_figures, sample_eval_images
 from spatialrl.reward.evaluation import accuracy_summary, score_pairs
 from spatialrl.reward.model import SpatialScore
 

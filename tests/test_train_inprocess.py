@@ -191,7 +191,7 @@ def test_nan_rewards_are_counted_and_the_run_trains_on_the_finite_groups(tmp_pat
                                                                          tiny_flux_path):
     """The reward is the loop's input: one returning NaN for one prompt's images (as a
     broken reward model would) drops that group every iteration, counted from iteration 0."""
-    from spatialrl.rewards import RewardOutput
+    from spatialrl.reward_functions import RewardOutput
 
     cfg = tiny_config(tmp_path, tiny_flux_path, "reward.kind=brightness_left", "eval_every=0")
     trainer = InProcessTrainer(cfg)

@@ -177,7 +177,8 @@ RewardKind = Literal["brightness_left", "shapes_rule", "shapes_soft", "spatialsc
 
 
 class RewardConfig(Section):
-    # One reward, or "weighted": the sum of `weights` ({kind: weight}; see spatialrl.rewards).
+    # One reward, or "weighted": the sum of `weights` ({kind: weight}; see
+    # spatialrl.reward_functions).
     kind: Literal[RewardKind, "weighted"] = "spatialscore"
     spatialscore_path: str | None = None
     weights: dict[RewardKind, float] = Field(default_factory=dict)

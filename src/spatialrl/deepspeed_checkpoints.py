@@ -16,7 +16,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from spatialrl.checksums import CheckpointError
+from spatialrl.checkpoint_digests import CheckpointError
 
 # What ZeRO 1-3 optimiser files hold besides tensors and containers (model-state files hold
 # none): found with torch.serialization.get_unsafe_globals_in_checkpoint.

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-from spatialrl.data.evaluate import ImageLike
 from spatialrl.data.geometry import ObjectFeatures, work_shape
 from spatialrl.data.grammar import Scene, SceneObject
 from spatialrl.data.judge import BOX_PREDICATES
+from spatialrl.data.rule_evaluator import ImageLike
 
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
 DEFAULT_THRESHOLD = 0.2

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from spatialrl.errors import InputError
-from spatialrl.rewards import RewardFn
+from spatialrl.reward_functions import RewardFn
 from spatialrl.service.config import FluxGeneratorConfig, ShapesGeneratorConfig
 
 # What FluxPipeline.save_lora_weights writes (spatialrl.flux.lora.save_lora).
@@ -70,8 +70,8 @@ def best_of_n(
 
 class FluxCandidates:
     def __init__(self, cfg: FluxGeneratorConfig, device: str = "cpu"):
-        from spatialrl.checksum import files_checksum
         from spatialrl.flux.loading import load_flux_pipeline
+        from spatialrl.model_checksum import files_checksum
 
         self.cfg = cfg
         self.pipeline = load_flux_pipeline(cfg.model, device)

@@ -18,12 +18,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from spatialrl import storage
 from spatialrl.config import TrainConfig
-from spatialrl.evaluation import sample_eval_images
 from spatialrl.flux.loading import load_flux_pipeline, resolve_device
 from spatialrl.flux.lora import add_lora, save_lora
 from spatialrl.grpo.update import TorchOptimization, grpo_update
 from spatialrl.loop import IterationRollouts, TrainingLoop
-from spatialrl.rewards import RewardFn, build_reward
+from spatialrl.policy_evaluation import sample_eval_images
+from spatialrl.reward_functions import RewardFn, build_reward
 from spatialrl.rollout import sample_groups
 from spatialrl.run_state import prepare_output_dir
 from spatialrl.tracking import Tracker

@@ -29,8 +29,8 @@ import numpy as np
 
 from spatialrl import storage
 from spatialrl.config import ConfigError, TrainConfig
-from spatialrl.evaluation import RewardHackingWatch, eval_metrics, summary_line
 from spatialrl.loop_roles import Backend, IterationRollouts
+from spatialrl.policy_evaluation import RewardHackingWatch, eval_metrics, summary_line
 from spatialrl.prompts import PromptSource, eval_prompts
 from spatialrl.recovery import LearnerLost, SamplesLost, roll_back_to_checkpoint
 from spatialrl.run_state import RunState, checkpoint_name, new_checkpoint_dir, save_run_state

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from spatialrl.rewards import RewardOutput
+from spatialrl.reward_functions import RewardOutput
 from spatialrl.train_batch import ScoredGroup, TrainBatch
 
 

@@ -6,7 +6,7 @@ a `max_workers` bound, plus `head_node_type` and a global `max_workers`. That is
 of a `ray up` config (cluster/aws.yaml) and what the KubeRay autoscaler derives from a
 RayCluster (`spatialrl cluster-check` does that translation with Ray's own code).
 
-Each role's bundle (spatialrl.placement.role_bundles: CPUs, GPUs and the role's custom
+Each role's bundle (spatialrl.role_resources.role_bundles: CPUs, GPUs and the role's custom
 resources) must fit on one node of some type, and the types that fit must hold all of the
 role's bundles at their largest count (reward replicas at autoscaling.max_replicas). Roles
 are checked one at a time: the custom resources give each role node types of its own.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spatialrl.config import ConfigError, TrainConfig
-from spatialrl.placement import Bundle, role_bundles
+from spatialrl.role_resources import Bundle, role_bundles
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ import re
 
 from pydantic import BaseModel, Field, ValidationError
 
-from spatialrl import checksums, storage
-from spatialrl.checksums import CheckpointError
+from spatialrl import checkpoint_digests, storage
+from spatialrl.checkpoint_digests import CheckpointError
 from spatialrl.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _checkpoint_files(folder: str | os.PathLike) -> list[str]:
 
 def save_run_state(folder: str | os.PathLike, state: RunState) -> None:
     """The completion marker, with the sha256 of every other file: write it after them."""
-    files = checksums.digests(folder, _checkpoint_files(folder))
+    files = checkpoint_digests.digests(folder, _checkpoint_files(folder))
     marker = state.model_copy(update={"files": files})
     storage.write_bytes(storage.join(folder, STATE_FILE),
                         (marker.model_dump_json(indent=2) + "\n").encode())
@@ -119,7 +119,7 @@ def load_run_state(folder: str | os.PathLike) -> RunState:
     if state.files is None:
         log.warning("%s: written before checksums were recorded; files not verified", path)
     else:
-        checksums.verify(folder, state.files, _checkpoint_files(folder), STATE_FILE)
+        checkpoint_digests.verify(folder, state.files, _checkpoint_files(folder), STATE_FILE)
     return state
 
 

@@ -15,7 +15,7 @@ from spatialrl import storage
 from spatialrl.config import GRPOConfig
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.grpo.advantages import compute_advantages
-from spatialrl.rewards import RewardFn
+from spatialrl.reward_functions import RewardFn
 from spatialrl.rollout import RolloutGroup
 from spatialrl.run_state import LEDGER_FOLDER
 

@@ -51,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from spatialrl.config import PolicyModelConfig, SamplingConfig
-    from spatialrl.evaluation import position_figures, sample_eval_images
     from spatialrl.flux.loading import load_flux_pipeline
+    from spatialrl.policy_evaluation import position_figures, sample_eval_images
     from spatialrl.position_benchmark import held_out_benchmark, read_benchmark
 
     if args.prompt_file is not None:

@@ -64,7 +64,7 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from spatialrl.config import load_config
-    from spatialrl.learners.reward_trainer import train_reward_model
+    from spatialrl.learners.spatialscore_trainer import train_reward_model
     from spatialrl.reward.train_config import RewardTrainConfig
 
     cfg = load_config(args.config, args.overrides, model=RewardTrainConfig)

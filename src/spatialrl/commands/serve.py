@@ -124,7 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from spatialrl.errors import InputError
     from spatialrl.generation import best_of_n, build_sampler
     from spatialrl.prompts import check_prompt
-    from spatialrl.rewards import build_reward, reward_version
+    from spatialrl.reward_functions import build_reward, reward_version
     from spatialrl.service.config import FluxGeneratorConfig
 
     cfg = load_service_config(args)

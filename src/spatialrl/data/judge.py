@@ -17,9 +17,9 @@ from typing import Protocol
 
 import numpy as np
 
-from spatialrl.data.evaluate import ImageLike, read_objects
 from spatialrl.data.geometry import ObjectFeatures, relation_holds
 from spatialrl.data.grammar import Predicate, Scene
+from spatialrl.data.rule_evaluator import ImageLike, read_objects
 
 # The relations a box tells: ordering along x or y, and closeness.
 BOX_PREDICATES = frozenset(

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from spatialrl.data.evaluate import evaluate
 from spatialrl.data.geometry import RENDER_THRESHOLDS, read_object, relation_holds, work_shape
 from spatialrl.data.grammar import (
     COLOURS,
@@ -24,6 +23,7 @@ from spatialrl.data.grammar import (
     Relation,
     Scene,
 )
+from spatialrl.data.rule_evaluator import evaluate
 
 # Half the bounding-box side, as a fraction of the image side, by size attribute.
 _HALF_EXTENT = {"small": (0.085, 0.1), None: (0.115, 0.14), "large": (0.15, 0.175)}

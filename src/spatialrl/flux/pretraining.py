@@ -37,7 +37,7 @@ from spatialrl.config import GeneratorPretraining
 from spatialrl.data.grammar import scene_to_prompt
 from spatialrl.data.render import LayoutError, render
 from spatialrl.data.shapes import sample_split_scene
-from spatialrl.evaluation import rule_figures
+from spatialrl.policy_evaluation import rule_figures
 from spatialrl.tiny import save_atomically
 from spatialrl.tiny.flux import SHAPES_GENERATOR, build_tiny_flux
 

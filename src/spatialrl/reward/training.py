@@ -1,5 +1,5 @@
 """SpatialScore training core: preference pairs -> batches -> Gaussian Bradley-Terry loss ->
-metrics. No Ray and no DeepSpeed here; learners/reward_trainer.py wraps these in both.
+metrics. No Ray and no DeepSpeed here; learners/spatialscore_trainer.py wraps these in both.
 
 A batch of n pairs is one forward over 2n images: the n preferred ones, then the n rejected
 ones, each with the pair's clean prompt (the rejected image shows the perturbed prompt, and is

@@ -14,7 +14,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from spatialrl.placement import Bundle
+from spatialrl.role_resources import Bundle
 
 
 def reserve(role: str, bundles: list[Bundle], timeout_s: float, strategy: str = "PACK"

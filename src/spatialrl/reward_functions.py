@@ -42,14 +42,14 @@ def brightness_left(images: list[Image.Image], prompts: list[str]) -> RewardOutp
 
 def shapes_rule(images: list[Image.Image], prompts: list[str]) -> RewardOutput:
     """Fraction of the prompt's relations that the shapes-world evaluator reads back."""
-    from spatialrl.data.evaluate import relation_accuracy
+    from spatialrl.data.rule_evaluator import relation_accuracy
 
     return deterministic([relation_accuracy(im, p) for im, p in zip(images, prompts, strict=True)])
 
 
 def shapes_soft(images: list[Image.Image], prompts: list[str]) -> RewardOutput:
     """The dense centroid-order score of the shapes world (see soft_relation_score)."""
-    from spatialrl.data.evaluate import soft_relation_score
+    from spatialrl.data.rule_evaluator import soft_relation_score
 
     return deterministic(
         [soft_relation_score(im, p) for im, p in zip(images, prompts, strict=True)])
@@ -113,7 +113,7 @@ def reward_input_pixels(cfg: RewardConfig) -> int | None:
 def _single_version(kind: str, cfg: RewardConfig) -> str:
     if kind != "spatialscore":
         return kind
-    from spatialrl.checksum import files_checksum
+    from spatialrl.model_checksum import files_checksum
     from spatialrl.reward.model import checkpoint_files, checkpoint_folder
 
     # The config among them names the base model and its revision.

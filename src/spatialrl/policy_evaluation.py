@@ -15,7 +15,7 @@ from spatialrl.data.geometry import relation_holds
 from spatialrl.data.grammar import CONVERSE, Relation, Scene, parse_prompt, scene_to_prompt
 from spatialrl.data.judge import ColourLocator, Judgement, ObjectLocator, RelationRule, judge
 from spatialrl.flux.sampler import sample
-from spatialrl.rewards import RewardOutput, shapes_soft
+from spatialrl.reward_functions import RewardOutput, shapes_soft
 from spatialrl.rollout import rollout_seed
 
 log = logging.getLogger(__name__)

@@ -44,8 +44,8 @@ from ray.experimental import tqdm_ray
 from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from spatialrl import checksums, storage
-from spatialrl.checksums import CheckpointError
+from spatialrl import checkpoint_digests, storage
+from spatialrl.checkpoint_digests import CheckpointError
 from spatialrl.config import ConfigError
 from spatialrl.data.pairs import PairReadResult, iter_pairs
 from spatialrl.deepspeed_checkpoints import load_weights_only
@@ -410,7 +410,7 @@ def _restore(engine: deepspeed.DeepSpeedEngine, world_size: int) -> int:
 def _write_checksums(folder: Path, rank: int) -> None:
     """List the sha256 of every file this rank wrote into `folder`; write it last."""
     listing = folder / CHECKSUMS_DIR / f"rank-{rank}.json"
-    files = checksums.digests(folder, storage.list_files(folder))
+    files = checkpoint_digests.digests(folder, storage.list_files(folder))
     listing.parent.mkdir()
     listing.write_text(json.dumps(files, indent=2) + "\n")
 
@@ -427,7 +427,7 @@ def verify_checkpoint(folder: Path) -> dict:
         recorded |= _read_json(listing)
     found = [name for name in storage.list_files(folder)
              if not name.startswith(f"{CHECKSUMS_DIR}/")]
-    checksums.verify(folder, recorded, found, f"{CHECKSUMS_DIR}/rank-*.json")
+    checkpoint_digests.verify(folder, recorded, found, f"{CHECKSUMS_DIR}/rank-*.json")
     state = _read_json(folder / STATE_FILE)
     expected = {folder / CHECKSUMS_DIR / f"rank-{rank}.json" for rank in range(
         state["world_size"])}
