@@ -1,41 +1,28 @@
 """The Ray trainer on a local autoscaling cluster (Ray's fake multi-node provider): the run
 starts with the head node alone, the trainer's placement groups make the autoscaler add one
 node per role, idle nodes are removed, and the run survives a lost rollout node, a lost
-learner rank and a lost learner node. The scenarios are bench/fault_tolerance.py's (which
-records them in bench/results/fault_tolerance.json); here they are asserted."""
-
-import importlib.util
-from pathlib import Path
+learner rank and a lost learner node. The scenarios are spatialrl.actors.fault_rehearsal's
+(bench/fault_tolerance.py records them in bench/results/fault_tolerance.json); here they are
+asserted."""
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from spatialrl.actors import fault_rehearsal as rehearsal
+
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 
-BENCH = Path(__file__).parents[1] / "bench" / "fault_tolerance.py"
 ROLES = {"rollout", "reward", "learner"}
 IDLE_REMOVAL_S = 120  # idle timeout 6 s, plus autoscaler rounds on a loaded machine
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("fault_tolerance", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = bench.LocalAutoscalingCluster(bench.NODE_TYPES)
+    cluster = rehearsal.start_cluster()
     try:
-        cluster.start()
-        cluster.connect()
         yield cluster
     finally:
-        bench.stop_cluster(cluster)
+        rehearsal.stop_cluster(cluster)
 
 
 def assert_nothing_lost(record):
@@ -46,12 +33,12 @@ def assert_nothing_lost(record):
 def test_the_autoscaler_adds_one_node_per_role_and_removes_them_when_idle(
         cluster, tiny_flux_path, tmp_path):
     assert cluster.worker_counts() == {}  # the head alone
-    cfg = bench.trainer_config(tiny_flux_path, tmp_path, "iterations=2", "checkpoint_every=0")
+    cfg = rehearsal.trainer_config(tiny_flux_path, tmp_path, "iterations=2", "checkpoint_every=0")
 
     async def no_fault(trainer):
         return None
 
-    record = bench.run_with_fault(cluster, cfg, no_fault)
+    record = rehearsal.run_with_fault(cluster, cfg, no_fault)
     assert record["worker_nodes_at_start"] == {}
     assert record["node_types_launched"] == {"rollout": 1, "reward": 1, "learner": 1}
     assert record["final_version"] == 2.0
@@ -63,7 +50,7 @@ def test_the_autoscaler_adds_one_node_per_role_and_removes_them_when_idle(
 def test_a_lost_rollout_node_is_replaced_and_its_groups_redone(cluster, tiny_flux_path,
                                                                tmp_path):
     cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
-    record = bench.rollout_node_lost(cluster, tiny_flux_path, tmp_path)
+    record = rehearsal.rollout_node_lost(cluster, tiny_flux_path, tmp_path)
     killed = record["killed"]
     assert killed["at_learner_version"] >= 1
     # The replacement is a second rollout node; nothing else was added.
@@ -94,7 +81,7 @@ def assert_resumed_from_the_checkpoint_of_iteration_1(record, tmp_path):
 def test_a_lost_learner_rank_resumes_from_the_last_checkpoint(cluster, tiny_flux_path,
                                                               tmp_path):
     cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
-    record = bench.learner_rank_lost(cluster, tiny_flux_path, tmp_path)
+    record = rehearsal.learner_rank_lost(cluster, tiny_flux_path, tmp_path)
     assert record["killed"]["after_iteration"] == 2
     # The rebuilt group takes the old group's freed room: no second learner node is started.
     assert record["node_types_launched"] == {"rollout": 1, "reward": 1, "learner": 1}
@@ -104,7 +91,7 @@ def test_a_lost_learner_rank_resumes_from_the_last_checkpoint(cluster, tiny_flux
 def test_a_lost_learner_node_is_replaced_and_the_run_resumes_from_the_last_checkpoint(
         cluster, tiny_flux_path, tmp_path):
     cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
-    record = bench.learner_node_lost(cluster, tiny_flux_path, tmp_path)
+    record = rehearsal.learner_node_lost(cluster, tiny_flux_path, tmp_path)
     assert record["killed"]["what"] == "learner node: SIGKILL of its raylet"
     # Both ranks were on the killed node; the rebuilt group is on a second learner node.
     assert record["node_types_launched"] == {"rollout": 1, "reward": 1, "learner": 2}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 
 from spatialrl import storage
-from spatialrl.config import GRPOConfig
+from spatialrl.config import GRPOConfig, TrainConfig
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.grpo.advantages import compute_advantages
 from spatialrl.reward_functions import RewardFn
@@ -138,3 +139,24 @@ def write_ledger(output_dir: str | os.PathLike, iteration: int, rows: list[dict]
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), buffer)
     storage.write_bytes(ledger_file(output_dir, iteration), buffer.getvalue().to_pybytes())
+
+
+def audit_ledger(cfg: TrainConfig) -> dict[str, int]:
+    """What each iteration's ledger says was trained on, against its own prompts' groups:
+    groups with more than G rows (trained twice), fewer (in part), none, or not as many kept
+    as the filter keeps (2k with top-k, G without); and rows of other iterations' groups."""
+    per_iteration, group_size = cfg.prompts.prompts_per_iteration, cfg.grpo.group_size
+    kept = 2 * cfg.grpo.top_k if cfg.grpo.top_k else group_size
+    counts = Counter(twice=0, partial=0, missing=0, wrong_kept=0, foreign_rows=0)
+    for iteration in range(cfg.iterations):
+        rows = pq.read_table(ledger_file(cfg.output_dir, iteration)).to_pylist()
+        expected = range(iteration * per_iteration, (iteration + 1) * per_iteration)
+        own = [r for r in rows if r["iteration"] == iteration and r["group_id"] in expected]
+        counts["foreign_rows"] += len(rows) - len(own)
+        for group in expected:
+            mine = [r for r in own if r["group_id"] == group]
+            counts["missing"] += not mine
+            counts["partial"] += 0 < len(mine) < group_size
+            counts["twice"] += len(mine) > group_size
+            counts["wrong_kept"] += bool(mine) and sum(r["kept"] for r in mine) != kept
+    return {f"groups_{k}" if k != "foreign_rows" else k: v for k, v in counts.items()}
