@@ -22,7 +22,12 @@ from spatialrl.actors.reward import APP_NAME, GroupScore, score_on_deployment
 from spatialrl.broadcast import broadcast_tensors, open_group, weights_fingerprint
 from spatialrl.config import TrainConfig
 from spatialrl.flux.loading import load_flux_pipeline, resolve_device
-from spatialrl.flux.lora import add_lora, load_lora_state_dict, lora_checksum, lora_state_dict
+from spatialrl.flux.lora import (
+    add_initial_adapter,
+    load_lora_state_dict,
+    lora_checksum,
+    lora_state_dict,
+)
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.policy_evaluation import sample_eval_images
 from spatialrl.rollout import RolloutGroup, sample_groups
@@ -66,9 +71,7 @@ class RolloutActor:
         self.reward_app = reward_app
         self.device = resolve_device(cfg.device)
         self.pipeline = load_flux_pipeline(cfg.model, self.device)
-        if cfg.lora.enabled:
-            torch.manual_seed(cfg.seed)  # the same initial adapter as the learners
-            add_lora(self.pipeline.transformer, cfg.lora)
+        add_initial_adapter(self.pipeline.transformer, cfg)
         self._version = 0
         self.weight_group = None
         self.reward_handle: DeploymentHandle | None = None

@@ -27,7 +27,7 @@ from spatialrl.broadcast import broadcast_tensors, open_group, weights_fingerpri
 from spatialrl.config import PolicyModelConfig, TrainConfig
 from spatialrl.deepspeed_checkpoints import load_weights_only
 from spatialrl.flux.loading import load_flux_transformer, resolve_device
-from spatialrl.flux.lora import add_lora, lora_checksum, lora_state_dict, save_lora
+from spatialrl.flux.lora import add_initial_adapter, lora_checksum, lora_state_dict, save_lora
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.grpo.loss import sample_train_steps
 from spatialrl.grpo.update import grpo_update
@@ -145,9 +145,7 @@ class PolicyLearner:
         )
         model_cfg = learner_model_config(cfg, self.device)
         transformer = load_flux_transformer(model_cfg, self.device)
-        if cfg.lora.enabled:
-            torch.manual_seed(cfg.seed)  # the same initial adapter as the rollout actors
-            add_lora(transformer, cfg.lora)
+        add_initial_adapter(transformer, cfg)
         optimizer = torch.optim.AdamW(
             [p for p in transformer.parameters() if p.requires_grad], lr=cfg.optim.lr,
             betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,

@@ -17,9 +17,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from spatialrl import storage
-from spatialrl.config import TrainConfig
+from spatialrl.config import ConfigError, TrainConfig
 from spatialrl.flux.loading import load_flux_pipeline, resolve_device
-from spatialrl.flux.lora import add_lora, save_lora
+from spatialrl.flux.lora import add_initial_adapter, save_lora
 from spatialrl.grpo.update import TorchOptimization, grpo_update
 from spatialrl.loop import IterationRollouts, TrainingLoop
 from spatialrl.policy_evaluation import sample_eval_images
@@ -36,10 +36,12 @@ class LocalLearner:
     min_update_samples = 1
 
     def __init__(self, cfg: TrainConfig, pipeline, device: str):
+        if not cfg.lora.enabled:
+            raise ConfigError("lora.enabled: false (full fine-tuning) needs --backend ray; the "
+                              "in-process loop trains and checkpoints a LoRA")
         self.cfg, self.pipeline, self.device = cfg, pipeline, device
         self.transformer = pipeline.transformer
-        torch.manual_seed(cfg.seed)  # LoRA's initialisation draws from the global generator
-        add_lora(self.transformer, cfg.lora)
+        add_initial_adapter(self.transformer, cfg)
         trainable = [p for p in self.transformer.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                       weight_decay=cfg.optim.weight_decay)

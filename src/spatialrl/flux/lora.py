@@ -18,9 +18,17 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from spatialrl.config import LoraConfig
+from spatialrl.config import LoraConfig, TrainConfig
 
 ADAPTER_NAME = "default"
+
+
+def add_initial_adapter(transformer: FluxTransformer2DModel, cfg: TrainConfig) -> None:
+    """The run's initial adapter (with lora.enabled), drawn from the run seed: the learners,
+    the rollout actors and the in-process loop all start from the same weights."""
+    if cfg.lora.enabled:
+        torch.manual_seed(cfg.seed)
+        add_lora(transformer, cfg.lora)
 
 
 def add_lora(transformer: FluxTransformer2DModel, cfg: LoraConfig) -> None:
