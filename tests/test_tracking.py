@@ -1,12 +1,15 @@
 """The MLflow run as a user opens it: real MLflow on a sqlite store in a temporary folder."""
 
+import logging
 import re
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -15,10 +18,14 @@ from spatialrl.tracking import (
     CAPTION_PX,
     CELL_PX,
     EXPERIMENT_KIND_TAG,
+    LOCAL_UI,
     MODEL_TRAINING,
+    UI_MODEL_TRAINING,
     Tracker,
     captioned_grid,
     run_name,
+    ui_server,
+    ui_url,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +60,39 @@ def test_an_experiment_made_before_the_kind_tag_gets_it(tmp_path):
     client.create_experiment("t")
     Tracker(cfg, system_metrics=False).finish()
     assert client.get_experiment_by_name("t").tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+
+
+def test_a_run_logs_its_link_on_the_ui_model_training_side(tmp_path, caplog):
+    """MLflow 3.17's UI ignores the kind tag and opens experiments on its GenAI screens;
+    a link with UI_MODEL_TRAINING opens the run as model training."""
+    cfg = mlflow_config(tmp_path)
+    with caplog.at_level(logging.INFO, logger="spatialrl.tracking"):
+        tracker = Tracker(cfg, system_metrics=False)
+        tracker.finish()
+    experiment_id = MlflowClient(cfg.tracking_uri).get_run(tracker.run_id).info.experiment_id
+    assert tracker.url == (f"{LOCAL_UI}/#/experiments/{experiment_id}/runs/{tracker.run_id}"
+                           "?workflowType=machine_learning")
+    assert (f"MLflow run {tracker.run_id}: {tracker.url} "
+            f"(after `mlflow ui --backend-store-uri {cfg.tracking_uri}`)") in caplog.text
+
+
+def test_ui_links_go_to_the_tracking_server_that_serves_them():
+    assert ui_url("http://mlflow.internal:5000/", "7") == (
+        "http://mlflow.internal:5000/#/experiments/7/runs?workflowType=machine_learning")
+    assert ui_server("https://mlflow.internal") == ("https://mlflow.internal", "")
+    assert ui_server("databricks://profile") is None
+
+
+def test_the_installed_mlflow_ui_reads_the_workflow_type_from_the_link():
+    """An upgrade guard: the UI bundle still takes the side from this query parameter (seen
+    in a browser by scripts/dashboard_screenshots.py)."""
+    bundle = Path(mlflow.__file__).parent / "server/js/build/static/js"
+    main = "".join(path.read_text(errors="ignore") for path in bundle.glob("main.*.js"))
+    if not main:
+        pytest.skip("this MLflow ships no UI (mlflow-skinny)")
+    key, value = UI_MODEL_TRAINING.split("=")
+    assert f'.get("{key}")' in main
+    assert f'"{value}"' in main
 
 
 def test_eval_images_are_logged_per_step_with_prompts_beside_them(tmp_path):

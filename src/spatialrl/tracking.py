@@ -3,6 +3,7 @@ a resumed run and tests never trip over each other's state."""
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import time
@@ -26,10 +27,17 @@ from pydantic import BaseModel
 import spatialrl
 from spatialrl.config import ConfigError, MlflowConfig, flatten
 
+log = logging.getLogger(__name__)
+
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
-# Without this tag MLflow 3's UI opens an experiment on its GenAI screens (traces, evaluations).
+# MLflow 3 UIs before the "GenAI | Model training" switch read this tag to open an experiment
+# on model training rather than GenAI (traces) screens. The pinned 3.17 UI ignores it: it
+# opens every experiment on the GenAI side unless the link carries UI_MODEL_TRAINING (or
+# the user flips the switch, which that browser remembers), so runs log such a link.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
+UI_MODEL_TRAINING = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 EVAL_IMAGE_KEY = "eval/samples"  # one captioned grid per evaluation step (the UI's slider)
 CELL_PX = 192  # eval images are scaled to this side: tiny ones readable, 512 px ones small
 CAPTION_PX = 2 * CELL_PX
@@ -42,6 +50,22 @@ def _artifact_root(tracking_uri: str) -> str | None:
         db = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
         return (db.parent / "mlartifacts").as_uri()
     return None
+
+
+def ui_url(server: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The UI page of an experiment's runs, or of one run, on the model-training side."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/{page}?{UI_MODEL_TRAINING}"
+
+
+def ui_server(tracking_uri: str) -> tuple[str, str] | None:
+    """Where the UI of a tracking store is served, and how to serve it if it is local;
+    None for Databricks, whose UI lives elsewhere."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri, ""
+    if tracking_uri.startswith("databricks"):
+        return None
+    return LOCAL_UI, f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
 def run_name(kind: str, model: str) -> str:
@@ -61,7 +85,8 @@ def source_tags(tags: dict | None) -> dict:
 class Tracker:
     """One MLflow run, new or resumed (`run_id`). A new run gets a name (`cfg.run_name`, else
     `name`) and the source tags; `system_metrics` samples this machine's CPU, memory, disk,
-    network and GPUs into it (system/...) until the run ends."""
+    network and GPUs into it (system/...) until the run ends. `url` is the run's page in the
+    MLflow UI (None for Databricks), logged when the run opens."""
 
     def __init__(self, cfg: MlflowConfig, run_id: str | None = None, tags: dict | None = None,
                  name: str | None = None, system_metrics: bool = True):
@@ -75,6 +100,12 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
         self.ended = False
+        self.url = None
+        if served := ui_server(cfg.tracking_uri):
+            server, serve = served
+            self.url = ui_url(server, self.client.get_run(run_id).info.experiment_id, run_id)
+            log.info("MLflow run %s: %s%s", run_id, self.url,
+                     f" (after `{serve}`)" if serve else "")
         self.monitor = None
         if system_metrics:
             self.monitor = SystemMetricsMonitor(run_id, resume_logging=resumed,
