@@ -60,6 +60,16 @@ def test_shards_of_another_spec_are_refused_naming_what_changed(tmp_path):
         folder.claim(PairSetSpec(model="m", n=10, seed=1))
 
 
+def test_ray_options_fail_fast_with_one_line_errors(tmp_path, capsys):
+    base = ["data", "pairs", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "out"),
+            "--n", "2", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main([*base, "--ray", "--gpus-per-worker", "0"]) == 2  # checked before Ray starts
+    assert "no diffusers pipeline there" in capsys.readouterr().err
+    assert main([*base, "--address", "127.0.0.1:6379"]) == 2
+    assert "--address names a Ray cluster: use it with --ray" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_rerun_remakes_only_the_missing_shards_and_logs_drops(tiny_flux_path, tmp_path):
     out, database = tmp_path / "pairs", tmp_path / "mlflow.db"
     argv = _argv(tiny_flux_path, out, database, "--device", "cpu", "--verifier", "rules")
