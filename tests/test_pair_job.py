@@ -4,6 +4,7 @@ in this process or by a Ray Data job (`spatialrl data pairs --ray`, spatialrl.ac
 on a local Ray instance that the command starts itself."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -171,6 +172,8 @@ def test_a_killed_ray_job_resumes_to_the_uninterrupted_set(tiny_flux_path, tmp_p
     finally:
         for session in sessions:  # whatever a failed step left running
             _kill_session(session)
+        for ray_dir in ray_dirs:
+            shutil.rmtree(ray_dir, ignore_errors=True)
 
     after = _shard_stamps(out)
     assert {name: after[name] for name in done} == done  # finished shards were not redone
