@@ -20,8 +20,10 @@ from spatialrl.errors import InputError
 from spatialrl.flux.loading import load_flux_pipeline
 from spatialrl.policy_evaluation import reversed_prompt, rule_figures, sample_eval_images
 from spatialrl.position_benchmark import read_benchmark, read_geneval_positions
+from spatialrl.reward_functions import spatialscore
 
 GENERATOR = Path(__file__).resolve().parents[1] / "models" / "shapes-flux"
+SPATIALSCORE = GENERATOR.parent / "spatialscore-shapes"
 GENEVAL_LINES = [
     {"tag": "single_object", "include": [{"class": "bench", "count": 1}],
      "prompt": "a photo of a bench"},
@@ -96,15 +98,21 @@ def _assert_rule_evaluator_figures(figures, images, prompts):
     assert figures["checkable_relations"] == 1.0
 
 
+def _tracking(tmp_path) -> list[str]:
+    return ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
 def test_eval_policy_on_the_shipped_generator_before_and_after_a_lora(
     shapes_flux_lora_path, tmp_path
 ):
     """eval-policy's shapes figures for models/shapes-flux and for it with a LoRA are the rule
-    evaluator's reading of the same ODE samples."""
+    evaluator's reading of the same ODE samples, and its SpatialScore figures the shipped
+    SpatialScore's mean score of them."""
     lora = shapes_flux_lora_path
     out = tmp_path / "figures.json"
     assert main(["eval-policy", "--model", str(GENERATOR), "--lora", str(lora), "--prompts",
-                 "12", "--num-steps", "8", "--batch-size", "12", "--out", str(out)]) == 0
+                 "12", "--num-steps", "8", "--batch-size", "12", "--spatialscore",
+                 str(SPATIALSCORE), "--out", str(out), *_tracking(tmp_path)]) == 0
     record = json.loads(out.read_text())
     assert record["benchmark"] == "shapes" and record["prompts"] == 12
 
@@ -116,8 +124,14 @@ def test_eval_policy_on_the_shipped_generator_before_and_after_a_lora(
         base_images = sample_eval_images(base, prompts, sampling, seed=0)
         base.transformer.load_lora_adapter(lora, use_safetensors=True)
         lora_images = sample_eval_images(base, prompts, sampling, seed=0)
-    _assert_rule_evaluator_figures(record["figures"]["base"], base_images, prompts)
-    _assert_rule_evaluator_figures(record["figures"]["lora"], lora_images, prompts)
+    score = spatialscore(str(SPATIALSCORE))
+    for side, images in (("base", base_images), ("lora", lora_images)):
+        figures = record["figures"][side]
+        _assert_rule_evaluator_figures(figures, images, prompts)
+        scores = score(images, prompts)
+        assert figures["spatialscore_mu"] == pytest.approx(float(scores.mu.mean()), abs=1e-5)
+        assert figures["spatialscore_sigma"] == pytest.approx(float(scores.sigma.mean()),
+                                                              abs=1e-5)
     assert record["figures"]["base"] != record["figures"]["lora"]
 
 
@@ -130,7 +144,8 @@ def test_eval_policy_judges_real_prompts_with_the_detector(
     files["real"] = tmp_path / "real.parquet"
     files["geneval"] = _write_lines(tmp_path / "meta.jsonl", GENEVAL_LINES)
     common = ["eval-policy", "--model", str(tiny_flux_path), "--num-steps", "2",
-              "--max-sequence-length", "32", "--detector", str(tiny_owlv2_path)]
+              "--max-sequence-length", "32", "--detector", str(tiny_owlv2_path),
+              *_tracking(tmp_path)]
     for name, path in files.items():
         out = tmp_path / f"{name}.json"
         assert main([*common, "--world", "real", "--prompt-file", str(path),
@@ -151,5 +166,5 @@ def test_eval_policy_refuses_a_prompt_file_of_another_world(tmp_path, tiny_owlv2
     path = tmp_path / "shapes.parquet"
     assert main(["data", "prompts", "--n", "2", "--out", str(path)]) == 0
     assert main(["eval-policy", "--model", "m", "--world", "real", "--prompt-file", str(path),
-                 "--detector", str(tiny_owlv2_path)]) == 2
+                 "--detector", str(tiny_owlv2_path), *_tracking(tmp_path)]) == 2
     assert "not a prompt file of the real world" in capsys.readouterr().err

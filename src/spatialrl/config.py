@@ -35,13 +35,16 @@ Pair = Annotated[
 ]
 
 
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
 class PolicyModelConfig(Section):
     """The FLUX pipeline the policy starts from (hub id or local from_pretrained folder)."""
 
     pretrained: str = "black-forest-labs/FLUX.1-dev"
     revision: str | None = None
     # Rollout forward passes run in this dtype; log-probs are always computed in fp32.
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Dtype = "bfloat16"
     attention_backend: Literal["native", "xformers", "flash"] = "native"
     gradient_checkpointing: bool = True
 
@@ -272,14 +275,19 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. grpo.top_k=4")
-    *parents, leaf = key.strip().split(".")
+    set_value(tree, key.strip(), _yaml(raw, f"--set {assignment}"), f"--set {key}")
+
+
+def set_value(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    """Set a dotted key in a config tree in place, making the sections on its way."""
+    *parents, leaf = key.split(".")
     node = tree
     for name in parents:
         child = node.setdefault(name, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {name!r} is a value, not a section")
+            raise ConfigError(f"{origin}: {name!r} is a value, not a section")
         node = child
-    node[leaf] = _yaml(raw, f"--set {assignment}")
+    node[leaf] = value
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -316,9 +324,11 @@ def validate_config(model: type[Section], tree: dict[str, Any], origin: str) -> 
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] = (), model: type[Section] = TrainConfig
+    path: str | Path | None, overrides: list[str] = (), model: type[Section] = TrainConfig,
+    values: dict[str, Any] | None = None,
 ) -> Section:
-    """Load `model` from a YAML file (or defaults when path is None) plus overrides."""
+    """Load `model` from a YAML file (or defaults when path is None) plus overrides, then
+    `values` ({dotted key: value}, a command's own flags), which win over both."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -330,6 +340,8 @@ def load_config(
         tree = loaded or {}
     for assignment in overrides:
         apply_override(tree, assignment)
+    for key, value in (values or {}).items():
+        set_value(tree, key, value, key)
     return validate_config(model, tree, str(path) if path else "<defaults>")
 
 

@@ -48,7 +48,8 @@ def eval_metrics(
         scenes = [parse_prompt(prompt) for prompt in prompts]
         judged = judge_images(images, scenes, ColourLocator())
         accuracy = np.array([_accuracy(j) for j, _ in judged])
-        metrics |= {f"eval/{name}": value for name, value in _figures(scenes, judged).items()}
+        figures = judged_figures(scenes, judged)
+        metrics |= {f"eval/{name}": value for name, value in figures.items()}
         metrics["eval/relation_accuracy_se"] = float(accuracy.std() / np.sqrt(len(accuracy)))
         metrics["eval/soft_relation_score"] = float(shapes_soft(images, prompts).mu.mean())
         metrics["eval/reward_rule_agreement"] = pairwise_agreement(scores.mu.numpy(), accuracy)
@@ -145,7 +146,7 @@ def position_figures(
     it can check right, the fraction of those right, per relation, and the chance reference
     (every relation reversed, yet all hold). `checkable_relations` is the share of relations
     the judge can check at all (1 for the rule evaluator; boxes tell no depth or support)."""
-    return _figures(scenes, judge_images(images, scenes, locator, rule))
+    return judged_figures(scenes, judge_images(images, scenes, locator, rule))
 
 
 def judge_images(
@@ -166,8 +167,9 @@ def _accuracy(judged: Judgement) -> float:
     return float(np.mean(judged.checked)) if judged.checked else float("nan")
 
 
-def _figures(scenes: list[Scene], judged: list[tuple[Judgement, Judgement]]
-             ) -> dict[str, float]:
+def judged_figures(scenes: list[Scene], judged: list[tuple[Judgement, Judgement]]
+                   ) -> dict[str, float]:
+    """position_figures of images already judged (judge_images)."""
     by_predicate: dict[str, list[bool]] = {}
     for scene, (judgement, _) in zip(scenes, judged, strict=True):
         for relation, holds in zip(scene.relations, judgement.per_relation, strict=True):

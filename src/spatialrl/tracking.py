@@ -162,9 +162,14 @@ class Tracker:
         """The evaluation's samples as one image of `step` (the UI's image slider steps
         through them), each with its reward and prompt written beside it."""
         captions = [f"reward {r:.3f}\n{p}" for p, r in zip(prompts, rewards, strict=True)]
-        self.client.log_image(self.run_id, captioned_grid(images, captions, columns=4),
-                              key=EVAL_IMAGE_KEY, step=step)
+        self.log_image_grid(images, captions, EVAL_IMAGE_KEY, step)
         self.log_text("\n".join(prompts) + "\n", "eval/prompts.txt")  # the same at every step
+
+    def log_image_grid(self, images: Sequence[Image.Image], captions: Sequence[str], key: str,
+                       step: int) -> None:
+        """One image of `step` under `key`: the images, four a row, each caption beside."""
+        self.client.log_image(self.run_id, captioned_grid(images, captions, columns=4),
+                              key=key, step=step)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
