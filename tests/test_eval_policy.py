@@ -135,6 +135,8 @@ def test_a_config_file_sets_the_run_and_flags_override_it(tiny_flux_path, tmp_pa
     ("sampling:\n  num_steps: '8'\n", [], "sampling.num_steps: Input should be a valid integer"),
     (None, ["--prompts", "0"], "benchmark.prompts: Input should be greater than or equal to 1"),
     (None, ["--lora", "/nonexistent/lora"], "lora: no LoRA folder at /nonexistent/lora"),
+    (None, ["--spatialscore", "org/no-such-model"],
+     "SpatialScore checkpoint 'org/no-such-model': not a local folder, nor a hub repo"),
     (None, None, "which policy? give --model PIPELINE or --config FILE"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, config, argv, message):

@@ -318,7 +318,12 @@ def checkpoint_folder(path: str | Path) -> Path:
         raise FileNotFoundError(f"SpatialScore checkpoint folder not found: {path}")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
+    except OSError as err:  # no such repo, or the hub cannot be reached: one line, not hub's
+        first_line = str(err).strip().splitlines()[0]
+        raise FileNotFoundError(f"SpatialScore checkpoint {path!r}: not a local folder, nor a "
+                                f"hub repo that can be loaded here ({first_line})") from None
 
 
 @contextmanager
