@@ -51,6 +51,23 @@ def test_colour_pairs_recolour_one_object_to_an_unnamed_colour():
         assert evaluate(rejected, pair.perturbed_prompt).all_correct
 
 
+def test_object_pairs_leave_out_or_recolour_one_object_of_the_same_layout():
+    """The rejected image lacks one named object (left out, or in a colour the prompt does
+    not name); the rest of the layout is the same, blurred or not alike."""
+    missing_counts = []
+    for split in ("train", "test"):
+        for pair in curriculum_pairs("objects", 16, split, seed=0):
+            assert (pair.source, pair.split, pair.perturbed_prompt) == ("objects", split,
+                                                                        pair.prompt)
+            found = evaluate(decode_image(pair.image_preferred), pair.prompt).objects_found
+            lost = evaluate(decode_image(pair.image_rejected), pair.prompt).objects_found
+            assert all(found), pair.prompt  # the full scene, readable even when blurred
+            missing_counts.append(sum(found) - sum(lost))
+            unseen = combos(pair.prompt) & HELD_OUT_COMBOS
+            assert bool(unseen) == (split == "test"), pair.prompt
+    assert set(missing_counts) == {1}
+
+
 def test_a_larger_n_extends_the_same_sequence():
     assert curriculum_pairs("relation", 7, "test", seed=3)[:4] == curriculum_pairs(
         "relation", 4, "test", seed=3)
@@ -71,4 +88,4 @@ def test_cli_writes_a_curriculum_task(tmp_path, capsys):
     assert (len(train), len(test)) == (7, 3)
     assert train == curriculum_pairs("above-below", 7, "train", seed=5)
     assert "perturbed relations 1/2/3: 7/0/0" in capsys.readouterr().out
-    assert set(CURRICULUM_TASKS) == {"colour", *RELATION_TASKS}
+    assert set(CURRICULUM_TASKS) == {"colour", *RELATION_TASKS, "objects"}

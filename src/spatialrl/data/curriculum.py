@@ -11,6 +11,10 @@ Tasks, each with two objects and one change between the preferred and the reject
 - left-right, above-below, front-behind, on-under: the rejected image is drawn with the
   relation reversed (its converse).
 - relation: as left-right, over every predicate that has a converse (all but "next to").
+- objects: a full shapes scene (2-3 objects, 1-3 relations); the rejected image is the same
+  layout with one named object left out or recoloured to a colour the prompt lacks. Half the
+  pairs are blurred, both images alike, as a small generator's images are: a reward that
+  ignores a missing object lets RL lose objects (bench/README.md, the mission in miniature).
 Test scenes contain an unseen (colour, shape) combination, as in the full shapes pairs.
 """
 
@@ -19,11 +23,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from PIL import ImageFilter
 from tqdm import tqdm
 
 from spatialrl.data.grammar import COLOURS, CONVERSE, Predicate, Relation, Scene, scene_to_prompt
 from spatialrl.data.pairs import PreferencePair, png_bytes
-from spatialrl.data.render import LayoutError, render
+from spatialrl.data.render import Layout, LayoutError, draw, render, render_layout
 from spatialrl.data.shapes import sample_split_scene
 
 # One-relation tasks: a predicate and its converse, or every predicate that has one.
@@ -35,7 +40,8 @@ RELATION_TASKS = {
     # "next to" is its own converse: reversing it changes nothing to prefer.
     "relation": frozenset(p for p, converse in CONVERSE.items() if converse != p),
 }
-CURRICULUM_TASKS = ("colour", *RELATION_TASKS)
+CURRICULUM_TASKS = ("colour", *RELATION_TASKS, "objects")
+MAX_BLUR_RADIUS = 1.5  # pixels at 64 px; the shipped generator's edges are about this soft
 
 
 def curriculum_pairs(
@@ -46,6 +52,8 @@ def curriculum_pairs(
         return colour_pairs(n, split, seed, size)
     if task in RELATION_TASKS:
         return one_relation_pairs(n, split, seed, task, size)
+    if task == "objects":
+        return object_pairs(n, split, seed, size)
     raise ValueError(f"task must be one of {', '.join(CURRICULUM_TASKS)}, got {task!r}")
 
 
@@ -99,6 +107,40 @@ def colour_pairs(n: int, split: str, seed: int, size: int = 64) -> list[Preferen
         progress.update()
     progress.close()
     return pairs
+
+
+def object_pairs(n: int, split: str, seed: int, size: int = 64) -> list[PreferencePair]:
+    """A full scene, preferred over the same layout with one object left out or recoloured."""
+    rng = np.random.default_rng([seed, split == "test", 2])
+    pairs: list[PreferencePair] = []
+    progress = tqdm(total=n, desc=f"objects {split}", unit="pair")
+    while len(pairs) < n:
+        scene = sample_split_scene(rng, split)
+        try:
+            layout, correct = render_layout(scene, size, rng)
+        except LayoutError:
+            continue
+        wrong = draw(without_one_object(layout, scene, rng), size)
+        if rng.random() < 0.5:
+            blur = ImageFilter.GaussianBlur(rng.uniform(0.5, MAX_BLUR_RADIUS))
+            correct, wrong = correct.filter(blur), wrong.filter(blur)
+        pairs.append(_one_change_pair(scene, scene, correct, wrong, "objects", split, len(pairs)))
+        progress.update()
+    progress.close()
+    return pairs
+
+
+def without_one_object(layout: Layout, scene: Scene, rng: np.random.Generator) -> Layout:
+    """The layout with one object, at random, left out (half the time) or recoloured to a
+    colour no object of the scene has."""
+    victim = int(rng.integers(len(layout.objects)))
+    if rng.random() < 0.5:
+        kept = tuple(o for i, o in enumerate(layout.objects) if i != victim)
+        return Layout(kept, layout.background)
+    unnamed = rng.choice(sorted(set(COLOURS) - {o.colour for o in scene.objects}))
+    recoloured = tuple(replace(o, fill=COLOURS[str(unnamed)]) if i == victim else o
+                       for i, o in enumerate(layout.objects))
+    return Layout(recoloured, layout.background)
 
 
 def _one_change_pair(scene: Scene, changed: Scene, correct, wrong, source: str, split: str,

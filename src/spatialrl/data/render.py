@@ -62,6 +62,17 @@ def render(
 ) -> Image.Image:
     """A size x size RGB image of the scene. With `verify`, the finished image is also read
     back by the evaluator and redrawn if any relation fails there."""
+    return render_layout(scene, size, rng, max_attempts, verify)[1]
+
+
+def render_layout(
+    scene: Scene,
+    size: int = 64,
+    rng: np.random.Generator | None = None,
+    max_attempts: int = 3000,
+    verify: bool = True,
+) -> tuple[Layout, Image.Image]:
+    """render(), with the layout it drew (to draw the same layout changed)."""
     rng = rng if rng is not None else np.random.default_rng()
     for attempt in range(max_attempts):
         shrink = 1 - 0.35 * attempt / max_attempts  # crowded scenes fit once objects shrink
@@ -70,7 +81,7 @@ def render(
             continue
         image = draw(layout, size)
         if not verify or evaluate(image, scene).all_correct:
-            return image
+            return layout, image
     raise LayoutError(f"no layout found in {max_attempts} attempts for {scene}")
 
 
