@@ -1,8 +1,9 @@
 """`spatialrl tiny-models OUT`: write the tiny random models that tests and CPU runs load.
 
 OUT/flux is a FluxPipeline folder, OUT/owlv2 an OWLv2 detector, OUT/qwen2.5-vl a Qwen2.5-VL
-folder and OUT/qwen2.5-vl-reward a deeper one that a tiny SpatialScore learns spatial
-relations on; all load through the same from_pretrained code as the production checkpoints.
+folder, OUT/qwen2.5-vl-reward a deeper one that a tiny SpatialScore learns spatial
+relations on, and OUT/qwen3-vl a Qwen3-VL folder (SpatialReward's backbone); all load
+through the same from_pretrained code as the production checkpoints.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ log = logging.getLogger(__name__)
 FLUX_DIR = "flux"
 QWEN_VL_DIR = "qwen2.5-vl"
 QWEN_VL_REWARD_DIR = "qwen2.5-vl-reward"  # deeper, for SpatialScore training (configs/reward)
+QWEN3_VL_DIR = "qwen3-vl"  # SpatialReward's backbone class
 OWLV2_DIR = "owlv2"  # the zero-shot detector that verifies pairs and judges real-object images
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("tiny-models",
-                                   help="write tiny random FLUX, OWLv2 and Qwen2.5-VL")
+                                   help="write tiny random FLUX, OWLv2, Qwen2.5-VL and Qwen3-VL")
     parser.add_argument("out", type=Path, metavar="OUT", help="folder to write into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild models that already exist")
@@ -44,8 +46,10 @@ def write_tiny_models(out: Path, seed: int = 0, force: bool = False) -> dict[str
     """
     from spatialrl.tiny.flux import write_tiny_flux
     from spatialrl.tiny.owlv2 import write_tiny_owlv2
+    from spatialrl.tiny.qwen3_vl import write_tiny_qwen3_vl
 
-    writers = {FLUX_DIR: write_tiny_flux, OWLV2_DIR: write_tiny_owlv2}
+    writers = {FLUX_DIR: write_tiny_flux, OWLV2_DIR: write_tiny_owlv2,
+               QWEN3_VL_DIR: write_tiny_qwen3_vl}
     try:
         from spatialrl.tiny.qwen_vl import REWARD_BACKBONE, write_tiny_qwen_vl
     except ModuleNotFoundError as err:

@@ -17,6 +17,7 @@ that have torchvision, as it does for the hub repo.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -88,16 +89,19 @@ def write_tiny_qwen_vl(
     return save_atomically(out_dir, [model, tokenizer, image_processor])
 
 
-def qwen2_tokenizer() -> Qwen2Tokenizer:
-    """Qwen2's byte-level BPE; every byte is a token, so nothing is unknown."""
-    words = sorted(set(VOCABULARY_WORDS) | set(INSTRUCTION_WORDS))
+def qwen2_tokenizer(
+    extra_words: Iterable[str] = (), chat_template: str = CHAT_TEMPLATE
+) -> Qwen2Tokenizer:
+    """Qwen2's byte-level BPE; every byte is a token, so nothing is unknown. `extra_words`
+    get merges of their own, so a longer instruction stays short in tokens."""
+    words = sorted(set(VOCABULARY_WORDS) | set(INSTRUCTION_WORDS) | set(extra_words))
     # A word is seen both after a space ("Ġleft", byte-level) and at the start of a line.
     forms = [("Ġ",) + tuple(word) for word in words] + [tuple(word) for word in words]
     merges = learn_merges(forms)
     tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
     tokenizer = Qwen2Tokenizer(
-        vocab=vocab, merges=merges, model_max_length=32768, chat_template=CHAT_TEMPLATE
+        vocab=vocab, merges=merges, model_max_length=32768, chat_template=chat_template
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     return tokenizer

@@ -1,0 +1,1 @@
+"""SpatialReward (arXiv 2602.07458): a generative, region-grounded reward for image edits."""
