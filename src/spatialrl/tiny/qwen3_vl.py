@@ -21,21 +21,7 @@ from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForCond
 
 from spatialrl.spatialreward.prompts import EDIT_TEMPLATE, QUALITY_TEMPLATE
 from spatialrl.tiny import save_atomically
-from spatialrl.tiny.qwen_vl import fan_in_std, qwen2_tokenizer
-
-# Qwen3-VL-Instruct's chat format: no default system turn, images as vision_start/pad/end.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from spatialrl.tiny.qwen_vl import chat_template, fan_in_std, qwen2_tokenizer
 
 TEXT_HIDDEN_SIZE = 64
 VISION_HIDDEN_SIZE = 32
@@ -49,7 +35,7 @@ PROMPT_WORDS = sorted(set(re.findall(r"[a-z_]+", (EDIT_TEMPLATE + QUALITY_TEMPLA
 def write_tiny_qwen3_vl(out_dir: Path, seed: int = 0, layers: int = 2) -> Path:
     """Build the tiny model and processor parts and `save_pretrained` them into `out_dir`
     (atomically). The same seed gives the same weights, bit for bit."""
-    tokenizer = qwen2_tokenizer(PROMPT_WORDS, CHAT_TEMPLATE)
+    tokenizer = qwen2_tokenizer(PROMPT_WORDS, chat_template(default_system=None))
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2,
         min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,

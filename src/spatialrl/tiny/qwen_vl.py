@@ -46,21 +46,29 @@ SPECIAL_TOKENS = [
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
 
-# Qwen2.5-VL-Instruct's chat format: default system turn, images as vision_start/pad/end.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+
+def chat_template(default_system: str | None) -> str:
+    """Qwen's chat format, images as vision_start/pad/end; `default_system` opens a chat that
+    has no system turn (Qwen2.5-VL's "You are a helpful assistant."; Qwen3-VL has none)."""
+    opening = "" if default_system is None else (
+        "{% if loop.first and message['role'] != 'system' %}"
+        f"<|im_start|>system\n{default_system}<|im_end|>\n{{% endif %}}"
+    )
+    return (
+        "{% for message in messages %}" + opening
+        + "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' or 'image' in part %}"
+        "<|vision_start|><|image_pad|><|vision_end|>"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = chat_template("You are a helpful assistant.")
 
 TEXT_HIDDEN_SIZE = 64
 VISION_HIDDEN_SIZE = 32
