@@ -3,20 +3,17 @@ shard, resumed after a kill without redoing finished shards, with throughput in 
 in this process or by a Ray Data job (`spatialrl data pairs --ray`, spatialrl.actors.pair_job)
 on a local Ray instance that the command starts itself."""
 
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import suppress
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
+from sessions import kill_session, spatialrl
 
 from spatialrl.cli import main
 from spatialrl.data.generated import sample_prompt_pairs
@@ -103,34 +100,6 @@ def test_a_rerun_remakes_only_the_missing_shards_and_logs_drops(tiny_flux_path, 
         assert pq.read_table(out / name).equals(table), name
 
 
-def _spatialrl(argv: list[str], ray_dir: str, log: Path) -> subprocess.Popen:
-    """The command in a session of its own, which the Ray instance it starts shares."""
-    env = {**os.environ, "RAY_TMPDIR": ray_dir, "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)  # the command starts a Ray instance of its own
-    script = Path(sys.executable).parent / "spatialrl"
-    return subprocess.Popen([str(script), *argv], env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _kill_session(session: int) -> None:
-    """SIGKILL every process of the session: the command, its Ray instance and the Ray
-    workers (which have process groups of their own and rename themselves)."""
-    deadline = time.monotonic() + 30
-    while alive := [p for p in psutil.process_iter() if _in_session(p, session)]:
-        assert time.monotonic() < deadline, f"session {session} outlived SIGKILL"
-        for process in alive:  # again each round: one may have started a child meanwhile
-            with suppress(psutil.NoSuchProcess):
-                process.kill()
-        time.sleep(0.1)
-
-
-def _in_session(process: psutil.Process, session: int) -> bool:
-    try:
-        return os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE
-    except (ProcessLookupError, psutil.NoSuchProcess):
-        return False
-
-
 def _wait_for_a_shard(process: subprocess.Popen, out: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not list((out / "shards").glob("shard-*.pairs.parquet")):
@@ -150,28 +119,28 @@ def test_a_killed_ray_job_resumes_to_the_uninterrupted_set(tiny_flux_path, tmp_p
     sessions = []
     try:
         # The uninterrupted set, made in one process through the same shard maker.
-        made = _spatialrl(_argv(tiny_flux_path, reference, database, "--device", "cpu",
+        made = spatialrl(_argv(tiny_flux_path, reference, database, "--device", "cpu",
                                 *common), ray_dirs[0], tmp_path / "reference.log")
         sessions.append(made.pid)
         assert made.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
 
-        job = _spatialrl(_argv(tiny_flux_path, out, database, *ray), ray_dirs[0],
+        job = spatialrl(_argv(tiny_flux_path, out, database, *ray), ray_dirs[0],
                          tmp_path / "killed.log")
         sessions.append(job.pid)
         _wait_for_a_shard(job, out, timeout_s=400)
-        _kill_session(job.pid)
+        kill_session(job.pid)
         job.wait(timeout=60)
         done = _shard_stamps(out)
         assert 1 <= len(done) < 6, done  # killed part-way
         assert not (out / "train.parquet").exists()
 
-        job = _spatialrl(_argv(tiny_flux_path, out, database, *ray), ray_dirs[1],
+        job = spatialrl(_argv(tiny_flux_path, out, database, *ray), ray_dirs[1],
                          tmp_path / "resumed.log")
         sessions.append(job.pid)
         assert job.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     finally:
         for session in sessions:  # whatever a failed step left running
-            _kill_session(session)
+            kill_session(session)
         for ray_dir in ray_dirs:
             shutil.rmtree(ray_dir, ignore_errors=True)
 

@@ -7,8 +7,8 @@ also its timer key (time/<stage>_s):
                    filtered GRPO update on the learner group: version v -> v + 1
     3. broadcast   version v + 1 published and loaded into every rollout worker, verified
     4. evaluate    every eval_every: held-out prompts, the rule evaluator, the hacking watch
-    5. checkpoint  every checkpoint_every: the learner state, then run_state.json (the marker)
-    6. log         metrics to the tracker, one summary line
+    5. log         metrics to the tracker, one summary line
+    6. checkpoint  every checkpoint_every: the learner state, then run_state.json (the marker)
 
 Rollouts for iterations up to i + max_staleness are in flight while iteration i learns
 (spatialrl.staleness defines versions and staleness once). The loop runs against the roles of
@@ -111,10 +111,8 @@ class TrainingLoop:
         # 4. evaluate
         if cfg.eval_every and (iteration % cfg.eval_every == 0 or last):
             metrics.update(await self.evaluate(iteration))
-        # 5. checkpoint
-        if (cfg.checkpoint_every and (iteration + 1) % cfg.checkpoint_every == 0) or last:
-            await backend.on_learners(self.checkpoint, iteration)
-        # 6. log
+        # 5. log (before the checkpoint: a run killed in between redoes this iteration and
+        # logs it twice, rather than resuming after it with its metrics lost)
         now = time.perf_counter()
         metrics.update({
             "time/iteration_s": now - self.last_done,
@@ -125,6 +123,9 @@ class TrainingLoop:
         self.last_done = now
         self.tracker.log_metrics(metrics, step=iteration)
         log.info("iteration %d/%d: %s", iteration + 1, cfg.iterations, summary_line(metrics))
+        # 6. checkpoint
+        if (cfg.checkpoint_every and (iteration + 1) % cfg.checkpoint_every == 0) or last:
+            await backend.on_learners(self.checkpoint, iteration)
         return metrics
 
     def dispatch(self, in_flight: dict[int, asyncio.Task], next_to_train: int) -> None:
@@ -187,7 +188,7 @@ class TrainingLoop:
         return metrics | self.hacking_watch.update(metrics, iteration)
 
     def checkpoint(self, iteration: int) -> str:
-        """Stage 5: every learner rank's files, then the run state that marks them complete."""
+        """Stage 6: every learner rank's files, then the run state that marks them complete."""
         learners = self.backend.learners
         folder = new_checkpoint_dir(self.output_dir, iteration)
         learners.save_checkpoint(storage.join(folder, "learner"))
