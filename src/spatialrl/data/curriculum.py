@@ -61,37 +61,44 @@ def sample_two_object_scene(rng: np.random.Generator, split: str) -> Scene:
     return sample_split_scene(rng, split, num_relations=1, num_objects=2)
 
 
+def collect_pairs(n: int, desc: str, rng: np.random.Generator, draw_pair) -> list[PreferencePair]:
+    """n pairs from draw_pair(rng, index), which returns None to draw again (a scene the task
+    does not use, or one with no layout)."""
+    pairs: list[PreferencePair] = []
+    with tqdm(total=n, desc=desc, unit="pair") as progress:
+        while len(pairs) < n:
+            pair = draw_pair(rng, len(pairs))
+            if pair is not None:
+                pairs.append(pair)
+                progress.update()
+    return pairs
+
+
 def one_relation_pairs(n: int, split: str, seed: int, task: str, size: int = 64
                        ) -> list[PreferencePair]:
     """Two objects and one relation among the task's predicates; the rejected image is drawn
     with the converse relation (the same objects, the relation reversed)."""
-    rng = np.random.default_rng([seed, split == "test"])
-    pairs: list[PreferencePair] = []
-    progress = tqdm(total=n, desc=f"{task} {split}", unit="pair")
-    while len(pairs) < n:
+    def draw_pair(rng: np.random.Generator, index: int) -> PreferencePair | None:
         scene = sample_two_object_scene(rng, split)
         relation = scene.relations[0]
         if relation.predicate not in RELATION_TASKS[task]:
-            continue
+            return None
         reversed_ = Relation(relation.subject_index, CONVERSE[relation.predicate],
                              relation.object_index)
         changed = Scene(scene.objects, (reversed_,))
         try:
             correct, wrong = render(scene, size, rng), render(changed, size, rng)
         except LayoutError:
-            continue
-        pairs.append(_one_change_pair(scene, changed, correct, wrong, task, split, len(pairs)))
-        progress.update()
-    progress.close()
-    return pairs
+            return None
+        return _one_change_pair(scene, changed, correct, wrong, task, split, index)
+
+    return collect_pairs(n, f"{task} {split}", np.random.default_rng([seed, split == "test"]),
+                         draw_pair)
 
 
 def colour_pairs(n: int, split: str, seed: int, size: int = 64) -> list[PreferencePair]:
     """Two objects; the rejected image recolours the first to a colour the prompt lacks."""
-    rng = np.random.default_rng([seed, split == "test", 1])
-    pairs: list[PreferencePair] = []
-    progress = tqdm(total=n, desc=f"colour {split}", unit="pair")
-    while len(pairs) < n:
+    def draw_pair(rng: np.random.Generator, index: int) -> PreferencePair | None:
         scene = sample_two_object_scene(rng, split)
         first, *rest = scene.objects
         unnamed = rng.choice(sorted(set(COLOURS) - {o.colour for o in scene.objects}))
@@ -101,33 +108,29 @@ def colour_pairs(n: int, split: str, seed: int, size: int = 64) -> list[Preferen
             correct = render(scene, size, np.random.default_rng(layout_seed))
             wrong = render(recoloured, size, np.random.default_rng(layout_seed))
         except LayoutError:
-            continue
-        pairs.append(
-            _one_change_pair(scene, recoloured, correct, wrong, "colour", split, len(pairs)))
-        progress.update()
-    progress.close()
-    return pairs
+            return None
+        return _one_change_pair(scene, recoloured, correct, wrong, "colour", split, index)
+
+    return collect_pairs(n, f"colour {split}", np.random.default_rng([seed, split == "test", 1]),
+                         draw_pair)
 
 
 def object_pairs(n: int, split: str, seed: int, size: int = 64) -> list[PreferencePair]:
     """A full scene, preferred over the same layout with one object left out or recoloured."""
-    rng = np.random.default_rng([seed, split == "test", 2])
-    pairs: list[PreferencePair] = []
-    progress = tqdm(total=n, desc=f"objects {split}", unit="pair")
-    while len(pairs) < n:
+    def draw_pair(rng: np.random.Generator, index: int) -> PreferencePair | None:
         scene = sample_split_scene(rng, split)
         try:
             layout, correct = render_layout(scene, size, rng)
         except LayoutError:
-            continue
+            return None
         wrong = draw(without_one_object(layout, scene, rng), size)
         if rng.random() < 0.5:
             blur = ImageFilter.GaussianBlur(rng.uniform(0.5, MAX_BLUR_RADIUS))
             correct, wrong = correct.filter(blur), wrong.filter(blur)
-        pairs.append(_one_change_pair(scene, scene, correct, wrong, "objects", split, len(pairs)))
-        progress.update()
-    progress.close()
-    return pairs
+        return _one_change_pair(scene, scene, correct, wrong, "objects", split, index)
+
+    return collect_pairs(n, f"objects {split}",
+                         np.random.default_rng([seed, split == "test", 2]), draw_pair)
 
 
 def without_one_object(layout: Layout, scene: Scene, rng: np.random.Generator) -> Layout:
