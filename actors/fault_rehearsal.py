@@ -5,12 +5,13 @@ custom resources, as in cluster/aws.yaml, sized for a 2-core machine.
 Three scenarios of the real trainer (tiny FLUX, 2 rollout actors, the reward on Ray Serve, 2
 DeepSpeed learner ranks), each on a cluster that starts with the head node alone:
 - rollout_node_lost: once the first update is applied, the node holding both rollout actors
-  is killed (SIGKILL of its raylet, as when a spot instance goes). The autoscaler replaces it,
-  Ray restarts the actors there, and their groups are redone.
+  is killed (SIGKILL of its raylet and workers, as when a spot instance goes). The
+  autoscaler replaces it, Ray restarts the actors there, and their groups are redone.
 - learner_rank_lost: after iteration 2 is logged, learner rank 1 is killed. The trainer
   rebuilds the learner group from the checkpoint of iteration 1 and redoes iteration 2.
 - learner_node_lost: the same moment, but the node holding both learner ranks is killed
-  (SIGKILL of its raylet). The rebuilt group waits for the autoscaler's replacement node.
+  (SIGKILL of its raylet and workers). The rebuilt group waits for the autoscaler's
+  replacement node.
 Each records what was killed, what the run lost (spatialrl.train_batch.audit_ledger: groups
 trained on twice, in part or not at all), the fault counters logged to MLflow, the node types
 the autoscaler launched and how long recovery took. bench/fault_tolerance.py writes the
@@ -163,8 +164,8 @@ def kill_role_node(cluster: LocalAutoscalingCluster, role: str, ready):
 
         replaced_after = await asyncio.to_thread(cluster.wait_for, replaced, 300,
                                                  f"a replacement {role} node")
-        return {"what": f"{role} node: SIGKILL of its raylet", "node_id": node["NodeID"],
-                "raylet_pid": pid, "at_learner_version": version,
+        return {"what": f"{role} node: SIGKILL of its raylet and workers",
+                "node_id": node["NodeID"], "raylet_pid": pid, "at_learner_version": version,
                 "replacement_node_alive_after_s": round(replaced_after, 1),
                 "since_kill_s": round(time.monotonic() - killed_at, 1)}
 

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -167,11 +168,14 @@ class LocalAutoscalingCluster:
         return [n for n in self.alive_nodes() if self.node_type(n) == name]
 
     def kill_node(self, node_id: str) -> int:
-        """SIGKILL a node's raylet, as when its machine is lost; its workers die with it.
-        Returns the raylet's pid."""
+        """SIGKILL a node's raylet and every process under it (its workers), as when its
+        machine is lost. The workers must go too: an actor's process can otherwise answer
+        direct calls for seconds after its raylet died. Returns the raylet's pid."""
         (raylet,) = [p for p in processes_naming(self.temp_dir)
                      if p.name() == "raylet" and f"--node_id={node_id}" in p.cmdline()]
-        raylet.send_signal(signal.SIGKILL)
+        for process in [*raylet.children(recursive=True), raylet]:
+            with suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGKILL)
         return raylet.pid
 
     @staticmethod

@@ -92,7 +92,7 @@ def test_a_lost_learner_node_is_replaced_and_the_run_resumes_from_the_last_check
         cluster, tiny_flux_path, tmp_path):
     cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
     record = rehearsal.learner_node_lost(cluster, tiny_flux_path, tmp_path)
-    assert record["killed"]["what"] == "learner node: SIGKILL of its raylet"
+    assert record["killed"]["what"] == "learner node: SIGKILL of its raylet and workers"
     # Both ranks were on the killed node; the rebuilt group is on a second learner node.
     assert record["node_types_launched"] == {"rollout": 1, "reward": 1, "learner": 2}
     assert_resumed_from_the_checkpoint_of_iteration_1(record, tmp_path)
