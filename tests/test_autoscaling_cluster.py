@@ -16,8 +16,10 @@ ROLES = {"rollout", "reward", "learner"}
 IDLE_REMOVAL_S = 120  # idle timeout 6 s, plus autoscaler rounds on a loaded machine
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster():
+    """A fresh cluster per test: the head node alone at the start. (After a learner-group
+    rebuild the rollout node was seen to stay up for minutes, not idle: see issue 23's note.)"""
     cluster = rehearsal.start_cluster()
     try:
         yield cluster
@@ -49,7 +51,6 @@ def test_the_autoscaler_adds_one_node_per_role_and_removes_them_when_idle(
 
 def test_a_lost_rollout_node_is_replaced_and_its_groups_redone(cluster, tiny_flux_path,
                                                                tmp_path):
-    cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
     record = rehearsal.rollout_node_lost(cluster, tiny_flux_path, tmp_path)
     killed = record["killed"]
     assert killed["at_learner_version"] >= 1
@@ -80,7 +81,6 @@ def assert_resumed_from_the_checkpoint_of_iteration_1(record, tmp_path):
 
 def test_a_lost_learner_rank_resumes_from_the_last_checkpoint(cluster, tiny_flux_path,
                                                               tmp_path):
-    cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
     record = rehearsal.learner_rank_lost(cluster, tiny_flux_path, tmp_path)
     assert record["killed"]["after_iteration"] == 2
     # The rebuilt group takes the old group's freed room: no second learner node is started.
@@ -90,7 +90,6 @@ def test_a_lost_learner_rank_resumes_from_the_last_checkpoint(cluster, tiny_flux
 
 def test_a_lost_learner_node_is_replaced_and_the_run_resumes_from_the_last_checkpoint(
         cluster, tiny_flux_path, tmp_path):
-    cluster.wait_for(lambda: not cluster.worker_counts(), IDLE_REMOVAL_S, "idle nodes removed")
     record = rehearsal.learner_node_lost(cluster, tiny_flux_path, tmp_path)
     assert record["killed"]["what"] == "learner node: SIGKILL of its raylet and workers"
     # Both ranks were on the killed node; the rebuilt group is on a second learner node.
