@@ -15,6 +15,7 @@ and perturbed renders.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 from pathlib import Path
 
@@ -28,6 +29,12 @@ from spatialrl.reward.evaluation import accuracy_summary, score_pairs
 from spatialrl.reward.model import SpatialScore
 
 
+def train_files(params: dict[str, str]) -> list[str]:
+    """data.train as logged: one path (older runs) or a list's repr."""
+    logged = params["data.train"]
+    return ast.literal_eval(logged) if logged.startswith("[") else [logged]
+
+
 def stage_record(client: MlflowClient, folder: Path) -> dict:
     run = client.get_run(json.loads((folder / RUN_FILE).read_text())["run_id"])
     params, info = run.data.params, run.info
@@ -36,7 +43,7 @@ def stage_record(client: MlflowClient, folder: Path) -> dict:
     return {
         "stage": folder.name,
         "status": info.status,
-        "train_pairs": Path(params["data.train"]).parent.name,
+        "train_pairs": "+".join(Path(path).parent.name for path in train_files(params)),
         "steps": int(params["optim.steps"]),
         "lr": float(params["optim.lr"]),
         "init_from": None if params.get("init_from") in (None, "None") else params["init_from"],

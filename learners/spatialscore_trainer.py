@@ -128,7 +128,8 @@ def with_absolute_paths(cfg: RewardTrainConfig) -> RewardTrainConfig:
     updates = {
         "output_dir": absolute(cfg.output_dir),
         "data": cfg.data.model_copy(
-            update={"train": absolute(cfg.data.train), "test": absolute(cfg.data.test)}),
+            update={"train": [absolute(path) for path in cfg.data.train],
+                    "test": absolute(cfg.data.test)}),
     }
     if Path(cfg.model.base_model).is_dir():  # otherwise a hub id
         updates["model"] = cfg.model.model_copy(
@@ -170,10 +171,10 @@ def newest_model(output_dir: str | Path) -> Path:
 def check_data(cfg: RewardTrainConfig) -> None:
     """Fail before starting workers: each file exists, has every column and a valid pair of
     its split (the workers read them fully and count skipped rows)."""
-    for key, split in (("train", "train"), ("test", "test")):
-        path = getattr(cfg.data, key)
+    files = [("train", path) for path in cfg.data.train] + [("test", cfg.data.test)]
+    for split, path in files:
         if path is not None and next(iter_pairs(path, split=split), None) is None:
-            raise ConfigError(f"data.{key}: {path} has no valid {split} pairs")
+            raise ConfigError(f"data.{split}: {path} has no valid {split} pairs")
 
 
 def _fit(trainer: TorchTrainer):

@@ -92,6 +92,26 @@ def test_shards_are_disjoint_complete_and_count_skipped_rows(pairs_dir):
     assert sorted(ids(first[0].pairs) + ids(first[1].pairs)) == sorted(ids(whole.pairs[:5]))
 
 
+def test_several_train_files_are_one_mixed_set(pairs_dir, tmp_path):
+    """A curriculum stage that must not forget the last one trains on both sets: the
+    files' pairs in turn, sharded and limited as one file would be."""
+    path = str(pairs_dir / "train.parquet")
+    other = tmp_path / "other.parquet"
+    write_pairs(other, [dataclasses.replace(p, pair_id=f"other-{p.pair_id}")
+                        for p in read_pairs(path, split="train").pairs[:4]])
+    mixed = load_pairs([path, str(other)], "train")
+    assert ids(mixed.pairs) == ids(load_pairs(path, "train").pairs) + ids(
+        load_pairs(str(other), "train").pairs)
+    shards = [load_pairs([path, str(other)], "train", rank, 2) for rank in range(2)]
+    assert sorted(ids(shards[0].pairs) + ids(shards[1].pairs)) == sorted(ids(mixed.pairs))
+    config = load_config(LOCAL_CONFIG, [f"data.train=[{path},{other}]"], model=RewardTrainConfig)
+    assert config.data.train == [path, str(other)]
+    one = load_config(LOCAL_CONFIG, [f"data.train={path}"], model=RewardTrainConfig)
+    assert one.data.train == [path]
+    with pytest.raises(ConfigError, match=r"data\.train"):
+        load_config(LOCAL_CONFIG, ["data.train=[]"], model=RewardTrainConfig)
+
+
 def test_pair_loss_statistics():
     mu = torch.tensor([2.0, 0.0, 1.0, 1.0])  # preferred [2, 0], rejected [1, 1]
     log_sigma = torch.log(torch.tensor([1.0, 2.0, 1.0, 4.0]))
@@ -182,14 +202,14 @@ def test_data_and_run_problems_fail_before_any_worker_starts(tiny_qwen_path, pai
     with pytest.raises(ConfigError, match="--resume: no run to continue"):
         train_reward_model(cfg, resume=True)
     missing = cfg.model_copy(update={"data": cfg.data.model_copy(
-        update={"train": str(tmp_path / "absent.parquet")})})
+        update={"train": [str(tmp_path / "absent.parquet")]})})
     with pytest.raises(FileNotFoundError, match="absent.parquet"):
         train_reward_model(missing)
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet")
     with pytest.raises(PairFileError, match="not a readable parquet file"):
         train_reward_model(cfg.model_copy(update={"data": cfg.data.model_copy(
-            update={"train": str(bad)})}))
+            update={"train": [str(bad)]})}))
 
 
 def test_init_from_problems_fail_before_any_worker_starts(tiny_qwen_path, pairs_dir, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from spatialrl.config import MlflowConfig, Pair, Section
 from spatialrl.reward.config import SpatialScoreConfig
@@ -12,11 +12,18 @@ from spatialrl.reward.config import SpatialScoreConfig
 
 class RewardDataConfig(Section):
     # Preference-pair parquet files (spatialrl.data.pairs schema); only their matching split
-    # is used, so one file holding both splits works as well.
-    train: str
+    # is used, so one file holding both splits works as well. Several train files are one
+    # mixed set (each epoch shuffles them together): a curriculum stage that must not
+    # forget the last stage's task trains on both.
+    train: list[str] = Field(min_length=1)
     test: str | None = None
     # Evaluate on the first N valid test pairs only (a large test split, frequent evals).
     max_test_pairs: int | None = Field(None, ge=1)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_file_is_a_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
 
 
 class RewardOptimConfig(Section):

@@ -29,22 +29,25 @@ from spatialrl.reward.train_config import RewardOptimConfig
 
 
 def load_pairs(
-    path: str, split: str, rank: int = 0, world_size: int = 1, limit: int | None = None
+    paths: str | Sequence[str], split: str, rank: int = 0, world_size: int = 1,
+    limit: int | None = None,
 ) -> PairReadResult:
     """This worker's share (every world_size-th valid pair) of a split's first `limit` valid
-    pairs (all without one), with the skipped-row counts of the rows read. Only the share is
-    kept in memory."""
+    pairs of the files in turn (all without one), with the skipped-row counts of the rows
+    read. Only the share is kept in memory."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
     skipped: Counter[str] = Counter()
     shard, total = [], 0
-    valid = iter_pairs(path, split=split, skipped=skipped)
+    valid = itertools.chain.from_iterable(
+        iter_pairs(path, split=split, skipped=skipped) for path in paths)
     for index, pair in enumerate(itertools.islice(valid, limit)):
         total = index + 1
         if index % world_size == rank:
             shard.append(pair)
     if total < world_size:
         raise InputError(
-            f"{path}: {total} valid {split} pairs, fewer than the {world_size} workers "
-            f"(skipped rows: {dict(skipped)})"
+            f"{', '.join(paths)}: {total} valid {split} pairs, fewer than the {world_size} "
+            f"workers (skipped rows: {dict(skipped)})"
         )
     return PairReadResult(pairs=shard, skipped=dict(skipped))
 
