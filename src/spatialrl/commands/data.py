@@ -1,5 +1,5 @@
 """`spatialrl data`: build preference-pair datasets (shapes-world renders or a generator's
-images) and RL prompt sets."""
+images), SpatialReward edit sets and RL prompt sets."""
 
 from __future__ import annotations
 
@@ -18,21 +18,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes = commands.add_parser(
         "shapes", help="preference pairs: DIR/train.parquet and DIR/test.parquet"
     )
-    shapes.add_argument("--out", required=True, type=Path, metavar="DIR",
-                        help="folder for train.parquet and test.parquet")
-    shapes.add_argument("--n", required=True, type=_positive_int, help="pairs in total")
-    shapes.add_argument("--seed", type=int, default=0, help="draws the scenes")
-    shapes.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
-    shapes.add_argument(
-        "--test-fraction", type=_fraction, default=0.2,
-        help="share of pairs in the test split (held-out colour/shape combinations)",
-    )
+    _add_rendered_set_arguments(shapes, "pairs", "held-out colour/shape combinations")
     shapes.add_argument(
         "--task", default="shapes", choices=["shapes", *CURRICULUM_TASKS],
         help="shapes: 1-3 perturbed relations among 2-3 objects; the others are curriculum "
              "sets of two objects and one change (spatialrl.data.curriculum)",
     )
     shapes.set_defaults(func=run_shapes)
+
+    edits = commands.add_parser(
+        "edits", help="SpatialReward edit examples with exact ground truth "
+                      "(spatialrl.spatialreward.edit_examples): DIR/train.parquet and "
+                      "DIR/test.parquet, a row per candidate edit",
+    )
+    _add_rendered_set_arguments(
+        edits, "examples", "held-out colour/shape combinations and pairs of edit kinds")
+    edits.set_defaults(func=run_edits)
 
     pairs = commands.add_parser(
         "pairs",
@@ -104,6 +105,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompts.set_defaults(func=run_prompts)
 
 
+def _add_rendered_set_arguments(parser: argparse.ArgumentParser, unit: str,
+                                held_out: str) -> None:
+    """The options of a set rendered in the shapes world and split into train and test."""
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="folder for train.parquet and test.parquet")
+    parser.add_argument("--n", required=True, type=_positive_int, help=f"{unit} in total")
+    parser.add_argument("--seed", type=int, default=0, help="draws the scenes")
+    parser.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
+    parser.add_argument("--test-fraction", type=_fraction, default=0.2,
+                        help=f"share of {unit} in the test split ({held_out})")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -132,6 +145,21 @@ def run_shapes(args: argparse.Namespace) -> int:
     for split, records in pairs.items():
         count = write_pairs(args.out / f"{split}.parquet", records)
         _report_split(split, count, args.out, [r.num_perturbed for r in records])
+    return 0
+
+
+def run_edits(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from spatialrl.spatialreward.edit_examples import build_edit_examples, write_edit_examples
+
+    examples = build_edit_examples(args.n, seed=args.seed, size=args.size,
+                                   test_fraction=args.test_fraction)
+    for split, chosen in examples.items():
+        path = args.out / f"{split}.parquet"
+        rows = write_edit_examples(path, chosen)
+        labels = Counter(candidate.label for example in chosen for candidate in example.candidates)
+        print(f"{split}: {len(chosen)} examples, {rows} candidates -> {path} ({dict(labels)})")
     return 0
 
 

@@ -86,25 +86,33 @@ def decode_image(data: bytes) -> Image.Image:
 
 def write_pairs(path: str | Path, records: Iterable[PreferencePair], batch_size: int = 256) -> int:
     """Stream records into a parquet file; returns the number written."""
+    return write_records(path, records, PAIR_SCHEMA, batch_size)
+
+
+def write_records(
+    path: str | Path, records: Iterable, schema: pa.Schema, batch_size: int = 256
+) -> int:
+    """Stream dataclass records, one row each in `schema`, into a parquet file; returns the
+    number written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
-    with pq.ParquetWriter(path, PAIR_SCHEMA) as writer:
-        batch: list[PreferencePair] = []
+    with pq.ParquetWriter(path, schema) as writer:
+        batch: list = []
         for record in records:
             batch.append(record)
             if len(batch) == batch_size:
-                writer.write_table(_to_table(batch))
+                writer.write_table(_to_table(batch, schema))
                 written, batch = written + len(batch), []
         if batch:
-            writer.write_table(_to_table(batch))
+            writer.write_table(_to_table(batch, schema))
             written += len(batch)
     return written
 
 
-def _to_table(records: list[PreferencePair]) -> pa.Table:
+def _to_table(records: list, schema: pa.Schema) -> pa.Table:
     rows = [asdict(r) for r in records]
-    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def iter_pairs(
@@ -115,7 +123,7 @@ def iter_pairs(
 ) -> Iterator[PreferencePair]:
     """Valid pairs, streamed batch by batch; invalid rows are counted into `skipped` by
     reason and logged once the file is exhausted. `split` keeps only that split."""
-    file = _open_checked(path)
+    file = open_checked(path)
     skipped = skipped if skipped is not None else Counter()
     for batch in file.iter_batches(batch_size=batch_size, columns=PAIR_SCHEMA.names):
         for row in batch.to_pylist():
@@ -134,16 +142,19 @@ def read_pairs(path: str | Path, split: str | None = None, batch_size: int = 256
     return PairReadResult(pairs=pairs, skipped=dict(skipped))
 
 
-def _open_checked(path: str | Path) -> pq.ParquetFile:
+def open_checked(
+    path: str | Path, schema: pa.Schema = PAIR_SCHEMA, kind: str = "pairs"
+) -> pq.ParquetFile:
+    """The parquet file at `path`, refused (PairFileError) unless it has `schema`'s columns."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pairs file not found: {path}")
+        raise FileNotFoundError(f"{kind} file not found: {path}")
     try:
         file = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:  # a bad footer raises a bare OSError
         raise PairFileError(f"{path}: not a readable parquet file ({err})") from err
     present = set(file.schema_arrow.names)
-    for column in PAIR_SCHEMA.names:
+    for column in schema.names:
         if column not in present:
             raise PairFileError(f"{path}: missing column {column!r} (has {sorted(present)})")
     return file

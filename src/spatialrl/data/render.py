@@ -28,7 +28,7 @@ from spatialrl.data.rule_evaluator import evaluate
 # Half the bounding-box side, as a fraction of the image side, by size attribute.
 _HALF_EXTENT = {"small": (0.085, 0.1), None: (0.115, 0.14), "large": (0.15, 0.175)}
 _MAX_ROTATION_DEG = 15.0
-_FRAME_MARGIN = 0.01
+FRAME_MARGIN = 0.01
 # Fraction of the object behind that the object in front hides.
 _HIDDEN_RANGE = (0.12, 0.55)
 # Smallest visible area of an object, as a fraction of the image: enough to survive blur.
@@ -93,17 +93,27 @@ def draw(layout: Layout, size: int) -> Image.Image:
     return image
 
 
+def object_index_map(layout: Layout, size: int) -> np.ndarray:
+    """Which object each pixel of draw(layout, size) shows: its PlacedObject.index, or -1
+    for the background (drawn the same way, so the masks match the image exactly)."""
+    canvas = Image.new("I", (size, size), -1)
+    painter = ImageDraw.Draw(canvas)
+    for placed in layout.objects:
+        painter.polygon(_pixel_vertices(placed.polygon, size), fill=placed.index)
+    return np.asarray(canvas)
+
+
 def solve_layout(
     scene: Scene, rng: np.random.Generator, work_size: int, scale: float = 1.0
 ) -> Layout | None:
     """One random layout attempt, checked at `work_size` pixels; None if it fails."""
-    outlines = [_outline(o.shape, o.size, scale, rng) for o in scene.objects]
+    outlines = [random_outline(o.shape, o.size, scale, rng) for o in scene.objects]
     centres = _place(scene, outlines, rng)
     placed = [outline + centre for outline, centre in zip(outlines, centres, strict=True)]
     polygons = _fit_in_frame(placed, rng)
     if polygons is None:
         return None
-    amodal = [_rasterise(p, work_size) for p in polygons]
+    amodal = [rasterise(p, work_size) for p in polygons]
     if not _overlaps_as_related(scene, amodal):
         return None
     order = _drawing_order(scene, rng)
@@ -123,7 +133,7 @@ def solve_layout(
             return None
     return Layout(
         objects=tuple(
-            PlacedObject(i, polygons[i], _jitter_colour(COLOURS[scene.objects[i].colour], rng))
+            PlacedObject(i, polygons[i], jitter_colour(COLOURS[scene.objects[i].colour], rng))
             for i in order
         ),
         background=_background(rng),
@@ -151,7 +161,9 @@ def _template(shape: str) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _outline(shape: str, size: str | None, scale: float, rng: np.random.Generator) -> np.ndarray:
+def random_outline(
+    shape: str, size: str | None, scale: float, rng: np.random.Generator
+) -> np.ndarray:
     """Outline centred on its bounding box, whose larger half-side is the sampled extent."""
     points = _template(shape)
     if shape != "circle":
@@ -185,7 +197,7 @@ def _place(scene: Scene, outlines: list[np.ndarray], rng: np.random.Generator) -
         if rel.subject_index in centres:  # express it as "new object <predicate> anchor"
             rel = Relation(rel.object_index, CONVERSE[rel.predicate], rel.subject_index)
         new, anchor = rel.subject_index, rel.object_index
-        offset = _offset(rel.predicate, outlines[new], outlines[anchor], rng)
+        offset = relation_offset(rel.predicate, outlines[new], outlines[anchor], rng)
         centres[new] = centres[anchor] + offset
     return [centres[i] for i in range(len(outlines))]
 
@@ -194,13 +206,13 @@ def _fit_in_frame(polygons: list[np.ndarray], rng: np.random.Generator) -> list[
     """The whole group moved to a random position inside the frame, None if it is too big."""
     low = np.min([p.min(axis=0) for p in polygons], axis=0)
     high = np.max([p.max(axis=0) for p in polygons], axis=0)
-    if np.any(high - low > 1 - 2 * _FRAME_MARGIN):
+    if np.any(high - low > 1 - 2 * FRAME_MARGIN):
         return None
-    shift = rng.uniform(_FRAME_MARGIN - low, 1 - _FRAME_MARGIN - high)
+    shift = rng.uniform(FRAME_MARGIN - low, 1 - FRAME_MARGIN - high)
     return [p + shift for p in polygons]
 
 
-def _offset(
+def relation_offset(
     predicate: Predicate, new_outline: np.ndarray, anchor_outline: np.ndarray,
     rng: np.random.Generator,
 ) -> np.ndarray:
@@ -255,7 +267,7 @@ def _pixel_vertices(polygon: np.ndarray, size: int) -> list[tuple[float, float]]
     return [(float(x), float(y)) for x, y in polygon * size]
 
 
-def _rasterise(polygon: np.ndarray, size: int) -> np.ndarray:
+def rasterise(polygon: np.ndarray, size: int) -> np.ndarray:
     canvas = Image.new("1", (size, size), 0)
     ImageDraw.Draw(canvas).polygon(_pixel_vertices(polygon, size), fill=1)
     return np.asarray(canvas, dtype=bool)
@@ -300,7 +312,7 @@ def _drawing_order(scene: Scene, rng: np.random.Generator) -> list[int]:
     return order
 
 
-def _jitter_colour(colour: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, int, int]:
+def jitter_colour(colour: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in colour)
 
 

@@ -22,7 +22,14 @@ from spatialrl.data.geometry import (
     relation_holds,
     work_shape,
 )
-from spatialrl.data.grammar import COLOURS, CONVEX_SHAPES, ORDERING, Scene, parse_prompt
+from spatialrl.data.grammar import (
+    COLOURS,
+    CONVEX_SHAPES,
+    ORDERING,
+    Scene,
+    SceneObject,
+    parse_prompt,
+)
 
 # Soft relation score: a sigmoid of the centroid gap in units of this fraction of the image.
 SOFT_MARGIN_SCALE = 0.05
@@ -99,10 +106,15 @@ def soft_relation_score(image: ImageLike, prompt: str | Scene) -> float:
 
 def read_objects(image: ImageLike, scene: Scene) -> list[ObjectFeatures | None]:
     """Each scene object's visible geometry, None where it is not found."""
-    masks = segment(image, [o.colour for o in scene.objects])
+    return find_objects(image, scene.objects)
+
+
+def find_objects(image: ImageLike, objects: Sequence[SceneObject]) -> list[ObjectFeatures | None]:
+    """read_objects() for any objects of distinct colours, not only a scene's."""
+    masks = segment(image, [o.colour for o in objects])
     return [
         read_object(mask, o.shape in CONVEX_SHAPES)
-        for mask, o in zip(masks, scene.objects, strict=True)
+        for mask, o in zip(masks, objects, strict=True)
     ]
 
 
