@@ -54,6 +54,13 @@ def group_summary(group: RolloutGroup, score: GroupScore) -> dict:
     }
 
 
+def packed(trajectory: Trajectory) -> dict:
+    """A rollout call's trajectories as the object it leaves in this node's object store:
+    plain tensors and string metadata, no pickled code (learners read it by reference)."""
+    tensors, metadata = trajectory.to("cpu").to_tensors()
+    return {"tensors": tensors, "metadata": metadata}
+
+
 def unpack_group(summary: dict, source: ray.ObjectRef, first_row: int) -> ScoredGroup:
     """The driver's view of a group: its scores, and where its trajectories are (rows
     [first_row, first_row + G) of the packed trajectories behind `source`)."""
@@ -98,8 +105,7 @@ class RolloutActor:
         summary = {"version": self._version, "rollout_seconds": sampled - start,
                    "reward_seconds": time.perf_counter() - sampled,
                    "groups": [group_summary(g, s) for g, s in zip(groups, scores, strict=True)]}
-        tensors, metadata = Trajectory.concat([g.trajectory for g in groups]).to("cpu").to_tensors()
-        return summary, {"tensors": tensors, "metadata": metadata}
+        return summary, packed(Trajectory.concat([g.trajectory for g in groups]))
 
     def evaluate(self, prompts: list[str]) -> dict:
         """Deterministic ODE samples of the evaluation prompts as a uint8 array, scored, with

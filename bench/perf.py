@@ -10,8 +10,8 @@ smaller images, so that the harness runs in seconds on a CPU; those numbers prov
 works, they say nothing about a GPU. Results go to bench/results/perf_<device>_<scale>.json.
 
 Throughput is in FLOP/s from torch's FlopCounterMode over one run of the measured call; MFU is
-that rate over the GPU's dense bf16 peak (spatialrl.capacity.GPU_PEAK_BF16). On a CPU there is
-no such peak and MFU is left out. Times are medians of --repeats runs after one warm-up.
+that rate over the GPU's dense bf16 peak (spatialrl.throughput_model.GPU_PEAK_BF16). On a CPU
+there is no such peak and MFU is left out. Times are medians of --repeats runs after one warm-up.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from transformers import (
     T5EncoderModel,
 )
 
-from spatialrl import capacity
+from spatialrl import throughput_model
 from spatialrl.broadcast import weights_fingerprint
 from spatialrl.config import GRPOConfig, LoraConfig, OptimConfig, SamplingConfig, TrainConfig
 from spatialrl.flux.encoding import PromptEmbeddingCache, encode_prompts
@@ -165,10 +165,11 @@ def gpu_peak(device: torch.device) -> tuple[float | None, str]:
     if device.type != "cuda":
         return None, "CPU: no dense bf16 peak to compare with; MFU is not meaningful here"
     name = torch.cuda.get_device_name(device)
-    for key, peak in capacity.GPU_PEAK_BF16.items():
+    for key, peak in throughput_model.GPU_PEAK_BF16.items():
         if key in name.lower():
-            return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s dense bf16 (capacity.GPU_PEAK_BF16)"
-    return None, f"{name}: not in capacity.GPU_PEAK_BF16, MFU left out"
+            return peak, (f"{name}: {peak / 1e12:.0f} TFLOP/s dense bf16 "
+                          "(throughput_model.GPU_PEAK_BF16)")
+    return None, f"{name}: not in throughput_model.GPU_PEAK_BF16, MFU left out"
 
 
 def peak_memory(bench: Bench) -> dict:
@@ -579,17 +580,19 @@ def host_syncs(bench: Bench, pipeline: FluxPipeline) -> dict:
 
 
 def e2e_estimate(assumed_mfu: float, gpu: str) -> dict:
-    """Seconds per iteration for the paper's setting on one GPU, composed from capacity.py's
+    """Seconds per iteration for the paper's setting on one GPU, composed from throughput_model.py's
     FLOP model at an assumed MFU: every stage runs on the same GPU, one after another."""
     cfg = TrainConfig.model_validate({
         "grpo": {"group_size": 24, "top_k": 6},
         "sampling": {"height": 512, "width": 512, "num_steps": 16},
         "prompts": {"prompts_per_iteration": 1},
     })
-    seconds = capacity.stage_seconds(cfg, {role: gpu for role in capacity.ROLES}, assumed_mfu)
-    workload = capacity.Workload.from_config(cfg)
-    plan = capacity.plan_capacity({r: e.seconds for r, e in seconds.items()}, workload,
-                                  {role: 1 for role in capacity.ROLES}, mode="sync")
+    seconds = throughput_model.stage_seconds(
+        cfg, {role: gpu for role in throughput_model.ROLES}, assumed_mfu)
+    workload = throughput_model.Workload.from_config(cfg)
+    plan = throughput_model.plan_capacity(
+        {r: e.seconds for r, e in seconds.items()}, workload,
+        {role: 1 for role in throughput_model.ROLES}, mode="sync")
     return {
         "kind": f"ESTIMATE from the FLOP model at an assumed {assumed_mfu:.0%} MFU on one "
                 f"{gpu}, not a measurement",
@@ -617,7 +620,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--assumed-mfu", type=float, default=0.4,
                         help="for the end-to-end estimate only")
-    parser.add_argument("--estimate-gpu", default="h100", choices=sorted(capacity.GPU_PEAK_BF16))
+    parser.add_argument("--estimate-gpu", default="h100",
+                        choices=sorted(throughput_model.GPU_PEAK_BF16))
     parser.add_argument("--out", help="default bench/results/perf_<device>_<scale>.json")
     args = parser.parse_args()
     suites = {"rollout", "reward", "learner", "broadcast", "bottlenecks", "e2e"} if (

@@ -101,11 +101,9 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
     }
 
 
-def fetch_trajectory(source: Any) -> Trajectory:
-    """A sample source (spatialrl.train_batch.ScoredGroup): a reference to a rollout actor's
-    packed trajectories, or a Trajectory that came with the call."""
-    if isinstance(source, Trajectory):
-        return source
+def fetch_trajectory(source: ray.ObjectRef) -> Trajectory:
+    """A sample source (spatialrl.train_batch.ScoredGroup) on Ray: a reference to a rollout
+    actor's packed trajectories (spatialrl.actors.rollout.packed)."""
     return Trajectory.from_tensors(**ray.get(source))
 
 

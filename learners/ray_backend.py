@@ -32,7 +32,7 @@ from spatialrl.config import TrainConfig
 from spatialrl.learners.policy_learner import LearnerGroup
 from spatialrl.learners.weight_sync import weight_sync_for
 from spatialrl.loop import TrainingLoop
-from spatialrl.recovery import LearnerLost
+from spatialrl.recovery import LearnerLost, resume
 from spatialrl.role_resources import check_cluster_fits
 from spatialrl.run_state import RunState, latest_checkpoint, prepare_output_dir
 from spatialrl.tracking import Tracker, check_tracking_uri, run_name
@@ -119,7 +119,7 @@ class RayTrainer:
         try:
             self.loop = TrainingLoop(cfg, self.backend, tracker, output_dir)
             if resume_from is not None:
-                self.loop.resume(*resume_from)
+                resume(self.loop, *resume_from)
         except BaseException:
             self.backend.shutdown()
             raise

@@ -4,8 +4,8 @@ from importlib.metadata import version
 
 import pytest
 
-from spatialrl.capacity import GPU_PEAK_BF16
 from spatialrl.cli import main
+from spatialrl.throughput_model import GPU_PEAK_BF16
 
 
 def output_of(argv: list[str], capsys) -> str:

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from spatialrl.cli import main
+from spatialrl.cluster_fit import check_placement, node_types, peak_bundles
 from spatialrl.commands.cluster import autoscaling_config
 from spatialrl.config import ConfigError, load_config
-from spatialrl.node_types import check_placement, node_types, peak_bundles
 
 REPO = Path(__file__).resolve().parent.parent
 AWS = REPO / "cluster" / "aws.yaml"

@@ -1,5 +1,6 @@
 """The DeepSpeed learner group on real Ray and real DeepSpeed (gloo, CPU), on tiny FLUX."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,11 +9,17 @@ import torch
 from diffusers import FluxPipeline
 from peft.utils import get_peft_model_state_dict
 
+from spatialrl.actors.rollout import packed
 from spatialrl.config import load_config
 from spatialrl.flux.loading import load_flux_pipeline, load_flux_transformer
 from spatialrl.flux.lora import add_lora, lora_checksum, lora_state_dict
 from spatialrl.grpo.update import TorchOptimization, grpo_update
-from spatialrl.learners.policy_learner import SHUFFLE_STREAM, LearnerGroup, update_generator
+from spatialrl.learners.policy_learner import (
+    SHUFFLE_STREAM,
+    LearnerGroup,
+    fetch_trajectory,
+    update_generator,
+)
 from spatialrl.reward_functions import build_reward
 from spatialrl.rollout import sample_groups
 from spatialrl.train_batch import build_train_batch, gather_trajectory, score_groups
@@ -43,14 +50,17 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def train_batch(tiny_flux_path):
+def train_batch(tiny_flux_path, local_ray):
+    """Kept samples as the learners get them on Ray: (reference to packed trajectories, row)."""
     cfg = tiny_config(tiny_flux_path)
     pipeline = load_flux_pipeline(cfg.model)
     groups = sample_groups(pipeline, PROMPTS, [0, 1], 0, 0, cfg.seed, cfg.grpo.group_size,
                            cfg.sampling)
     batch = build_train_batch(score_groups(build_reward(cfg.reward, "cpu"), groups), cfg.grpo)
     assert len(batch.samples) == 4
-    return batch
+    refs = {id(source): ray.put(packed(source)) for source, _ in batch.samples}
+    return dataclasses.replace(
+        batch, samples=[(refs[id(source)], row) for source, row in batch.samples])
 
 
 @pytest.fixture
@@ -106,7 +116,7 @@ def test_deepspeed_update_equals_torch_update(learner_group, train_batch, tiny_f
     transformer.train()
     torch_metrics = grpo_update(
         transformer,
-        gather_trajectory(train_batch.samples, lambda source: source).select(order),
+        gather_trajectory(train_batch.samples, fetch_trajectory).select(order),
         train_batch.advantages[order],
         cfg.grpo, cfg.optim, TorchOptimization(optimizer, cfg.optim.max_grad_norm),
         update_generator(cfg.seed, 0, 0),

@@ -133,7 +133,3 @@ class InProcessTrainer:
         self.loop = TrainingLoop(self.cfg, self.backend, tracker, self.output_dir)
         with logging_redirect_tqdm():  # log lines above the progress bar, not through it
             return asyncio.run(self.loop.fit())
-
-    @property
-    def hacking_watch(self):
-        return self.loop.hacking_watch

@@ -14,8 +14,9 @@ Rollouts for iterations up to i + max_staleness are in flight while iteration i 
 (spatialrl.staleness defines versions and staleness once). The loop runs against the roles of
 spatialrl.loop_roles: spatialrl.inprocess implements them in one process,
 spatialrl.learners.ray_backend on Ray. Fault handling is elsewhere: the Ray rollout fleet
-redoes a dead actor's groups itself, and spatialrl.recovery rebuilds a lost learner group from
-the last checkpoint.
+redoes a dead actor's groups itself, and spatialrl.recovery samples an iteration whose
+trajectories were lost again, rebuilds a lost learner group from the last checkpoint and
+restores a resumed run.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from collections import Counter
 import numpy as np
 
 from spatialrl import storage
-from spatialrl.config import ConfigError, TrainConfig
+from spatialrl.config import TrainConfig
 from spatialrl.loop_roles import Backend, IterationRollouts
 from spatialrl.policy_evaluation import RewardHackingWatch, eval_metrics, summary_line
 from spatialrl.prompts import PromptSource, eval_prompts
-from spatialrl.recovery import LearnerLost, SamplesLost, roll_back_to_checkpoint
+from spatialrl.recovery import LearnerLost, learn_or_resample, roll_back_to_checkpoint
 from spatialrl.run_state import RunState, checkpoint_name, new_checkpoint_dir, save_run_state
 from spatialrl.staleness import dispatch_horizon, split_by_staleness, staleness
 from spatialrl.tracking import Tracker
@@ -97,7 +98,7 @@ class TrainingLoop:
                    "time/rollout_compute_s": data.rollout_compute_s,
                    "time/reward_s": data.reward_s, **data.metrics}
         # 2. learn (off the event loop, so that later rollouts keep being scored)
-        learned, ledger = await self.learn_or_resample(data)
+        learned, ledger = await learn_or_resample(self, data)
         metrics.update(learned)
         # 3. broadcast
         if "time/learn_s" in learned:
@@ -136,18 +137,6 @@ class TrainingLoop:
                 prompts = self.prompts.slice(iteration * per_iteration, per_iteration)
                 in_flight[iteration] = asyncio.create_task(
                     self.backend.rollouts.produce(iteration, prompts))
-
-    async def learn_or_resample(self, data: IterationRollouts
-                                ) -> tuple[dict[str, float], list[dict]]:
-        while True:
-            try:
-                return await self.backend.on_learners(self.learn, data)
-            except SamplesLost as lost:
-                log.warning("iteration %d: %s; sampling it again", data.iteration, lost)
-                self.counters["faults/redone_groups"] += len(data.groups)
-                per_iteration = self.cfg.prompts.prompts_per_iteration
-                prompts = self.prompts.slice(data.iteration * per_iteration, per_iteration)
-                data = await self.backend.rollouts.produce(data.iteration, prompts)
 
     def learn(self, data: IterationRollouts) -> tuple[dict[str, float], list[dict]]:
         """Stage 2: metrics (time/learn_s only when an update was applied) and ledger rows.
@@ -201,30 +190,6 @@ class TrainingLoop:
             with storage.staged_download(storage.join(folder, "learner", "lora")) as lora:
                 self.tracker.log_artifacts(lora, f"checkpoints/{checkpoint_name(iteration)}/lora")
         return folder
-
-    def load_checkpoint(self, folder: str, state: RunState) -> None:
-        """A checkpoint (its files verified by latest_checkpoint) into the learners, after
-        checking that it belongs to this run."""
-        per_iteration = self.cfg.prompts.prompts_per_iteration
-        if state.prompt_cursor != state.next_iteration * per_iteration:
-            raise ConfigError(
-                f"prompts.prompts_per_iteration: {per_iteration} does not match the checkpoint "
-                f"{folder} (cursor {state.prompt_cursor} at iteration {state.next_iteration})")
-        if state.mlflow_run_id != self.tracker.run_id:
-            raise ValueError(
-                f"{folder} belongs to MLflow run {state.mlflow_run_id}, not {self.tracker.run_id}")
-        learners = self.backend.learners
-        learners.load_checkpoint(storage.join(folder, "learner"))
-        if learners.version != state.version:
-            raise RuntimeError(
-                f"{folder}: learner at version {learners.version}, run state at {state.version}")
-
-    def resume(self, folder: str, state: RunState) -> None:
-        self.load_checkpoint(folder, state)
-        self.start_iteration = state.next_iteration
-        self.counters.update(state.counters)
-        log.info("resumed from %s at iteration %d, version %d", folder, state.next_iteration,
-                 state.version)
 
     async def sync_weights(self) -> None:
         """Publish the learners' weights and load them into every rollout worker, verified."""

@@ -1,4 +1,8 @@
-"""A lost learner group, handled outside the loop's main path.
+"""Restoring the loop, outside its main path: lost samples, a lost learner group, a resumed
+run.
+
+Trajectories lost before the learners read them (their node died) fail the learners' staging
+call alone: the iteration is sampled again, counted as faults/redone_groups.
 
 A learner rank that dies (its process or its node) loses the group's optimiser state: the
 backend builds a new group, which loads the newest complete checkpoint (or keeps the initial
@@ -20,10 +24,13 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from spatialrl.run_state import latest_checkpoint
+from spatialrl import storage
+from spatialrl.config import ConfigError
+from spatialrl.run_state import RunState, latest_checkpoint
 
 if TYPE_CHECKING:
     from spatialrl.loop import TrainingLoop
+    from spatialrl.loop_roles import IterationRollouts
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,20 @@ class LearnerLost(Exception):
 class SamplesLost(Exception):
     """Trajectories went missing before the learners read them (on Ray: the node that held
     them died). Nothing was trained; the loop samples the iteration again."""
+
+
+async def learn_or_resample(loop: TrainingLoop, data: IterationRollouts
+                            ) -> tuple[dict[str, float], list[dict]]:
+    """Stage 2, with the iteration sampled again as long as its samples are lost."""
+    while True:
+        try:
+            return await loop.backend.on_learners(loop.learn, data)
+        except SamplesLost as lost:
+            log.warning("iteration %d: %s; sampling it again", data.iteration, lost)
+            loop.counters["faults/redone_groups"] += len(data.groups)
+            per_iteration = loop.cfg.prompts.prompts_per_iteration
+            prompts = loop.prompts.slice(data.iteration * per_iteration, per_iteration)
+            data = await loop.backend.rollouts.produce(data.iteration, prompts)
 
 
 async def roll_back_to_checkpoint(loop: TrainingLoop, in_flight: dict[int, asyncio.Task],
@@ -57,7 +78,7 @@ async def roll_back_to_checkpoint(loop: TrainingLoop, in_flight: dict[int, async
     except FileNotFoundError:
         folder, state = None, None
     if folder:
-        await asyncio.to_thread(loop.load_checkpoint, folder, state)
+        await asyncio.to_thread(load_checkpoint, loop, folder, state)
     next_iteration = state.next_iteration if state else 0
     restore_counters(loop.counters, state.counters if state else {})
     loop.counters["faults/learner_restarts"] = restarts
@@ -66,6 +87,33 @@ async def roll_back_to_checkpoint(loop: TrainingLoop, in_flight: dict[int, async
     log.warning("learner group restarted from %s at iteration %d, version %d",
                 folder or "the initial weights", next_iteration, loop.backend.learners.version)
     return next_iteration
+
+
+def resume(loop: TrainingLoop, folder: str, state: RunState) -> None:
+    """A run continued from a checkpoint (`spatialrl train --resume`)."""
+    load_checkpoint(loop, folder, state)
+    loop.start_iteration = state.next_iteration
+    loop.counters.update(state.counters)
+    log.info("resumed from %s at iteration %d, version %d", folder, state.next_iteration,
+             state.version)
+
+
+def load_checkpoint(loop: TrainingLoop, folder: str, state: RunState) -> None:
+    """A checkpoint (its files verified by latest_checkpoint) into the learners, after
+    checking that it belongs to this run."""
+    per_iteration = loop.cfg.prompts.prompts_per_iteration
+    if state.prompt_cursor != state.next_iteration * per_iteration:
+        raise ConfigError(
+            f"prompts.prompts_per_iteration: {per_iteration} does not match the checkpoint "
+            f"{folder} (cursor {state.prompt_cursor} at iteration {state.next_iteration})")
+    if state.mlflow_run_id != loop.tracker.run_id:
+        raise ValueError(
+            f"{folder} belongs to MLflow run {state.mlflow_run_id}, not {loop.tracker.run_id}")
+    learners = loop.backend.learners
+    learners.load_checkpoint(storage.join(folder, "learner"))
+    if learners.version != state.version:
+        raise RuntimeError(
+            f"{folder}: learner at version {learners.version}, run state at {state.version}")
 
 
 def restore_counters(counters: Counter, saved: dict[str, float]) -> None:

@@ -15,7 +15,7 @@ DEFAULT_GPUS = {"rollout": "l40s", "reward": "l4", "learner": "a100"}  # cluster
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from spatialrl.capacity import GPU_PEAK_BF16
+    from spatialrl.throughput_model import GPU_PEAK_BF16
 
     capacity = subparsers.add_parser(
         "capacity", help="how many rollout and reward workers keep the learner busy",
@@ -78,8 +78,8 @@ def autoscaling_config(path: Path) -> dict[str, Any]:
 
 
 def run_cluster_check(args: argparse.Namespace) -> int:
+    from spatialrl.cluster_fit import check_placement, node_types
     from spatialrl.config import load_config
-    from spatialrl.node_types import check_placement, node_types
 
     cfg = load_config(args.config, args.overrides)
     for path in args.clusters:
@@ -94,7 +94,8 @@ def run_cluster_check(args: argparse.Namespace) -> int:
 
 
 def run_capacity(args: argparse.Namespace) -> int:
-    from spatialrl.capacity import (
+    from spatialrl.config import load_config
+    from spatialrl.throughput_model import (
         ROLES,
         Workload,
         load_measured,
@@ -102,7 +103,6 @@ def run_capacity(args: argparse.Namespace) -> int:
         stage_seconds,
         workers_from_config,
     )
-    from spatialrl.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     measured = load_measured(args.measured) if args.measured else None

@@ -28,7 +28,7 @@ FLUX transformer, one forward pass over T = T_image + T_text tokens:
         of FLUX.1-dev's 11.9e9 parameters; 2 * 11.9e9 * T would over-count by 1.7x.
     4 L d T^2: attention scores and their weighted sum.
     At 512 px (1024 + 512 tokens): 21.5 TFLOP, equal to torch's FlopCounterMode count on the
-    FLUX.1-dev transformer (tests/test_capacity.py).
+    FLUX.1-dev transformer (tests/test_throughput_model.py).
 Rollout, per image: num_steps * F (FLUX.1-dev is guidance-distilled: one pass per step)
     + the VAE decoder (9.6 MFLOP per output pixel, 2.5 TFLOP at 512 px, counted the same way)
     + the T5-XXL prompt encoding, shared by the group: (2 * 4.63e9 * T_text + 4 * 24 * 4096 *

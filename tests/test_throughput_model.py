@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from spatialrl.capacity import (
+from spatialrl.cli import main
+from spatialrl.config import ConfigError, load_config
+from spatialrl.throughput_model import (
     FLUX_VAE_DECODE_FLOPS_PER_PIXEL,
     StageSeconds,
     Workload,
@@ -23,8 +25,6 @@ from spatialrl.capacity import (
     stage_seconds,
     workers_from_config,
 )
-from spatialrl.cli import main
-from spatialrl.config import ConfigError, load_config
 
 CLUSTER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "flux-dev-cluster.yaml"
 GPUS = {"rollout": "l40s", "reward": "l4", "learner": "a100"}
