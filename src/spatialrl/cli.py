@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "spatialrl.commands.data",
     "spatialrl.commands.train",
     "spatialrl.commands.reward",
+    "spatialrl.commands.spatialreward",
     "spatialrl.commands.cluster",
     "spatialrl.commands.serve",
     "spatialrl.commands.pretrain",

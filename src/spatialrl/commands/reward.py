@@ -47,10 +47,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_train(commands: argparse._SubParsersAction) -> None:
-    train = commands.add_parser(
-        "train", help="train SpatialScore on preference pairs (Ray Train + DeepSpeed, MLflow)"
-    )
-    train.add_argument("--config", required=True, help="YAML config (see configs/reward/)")
+    add_train_command(
+        commands, "train SpatialScore on preference pairs (Ray Train + DeepSpeed, MLflow)",
+        "configs/reward/", run_train)
+
+
+def add_train_command(commands: argparse._SubParsersAction, summary: str, configs: str,
+                      run) -> None:
+    """`train --config FILE [--set KEY=VALUE]... [--resume]`, as every trained model has."""
+    train = commands.add_parser("train", help=summary)
+    train.add_argument("--config", required=True, help=f"YAML config (see {configs})")
     train.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)",
@@ -59,16 +65,22 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
         "--resume", action="store_true",
         help="continue the run in output_dir from its newest checkpoint, in the same MLflow run",
     )
-    train.set_defaults(func=run_train)
+    train.set_defaults(func=run)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from spatialrl.config import load_config
     from spatialrl.learners.spatialscore_trainer import train_reward_model
     from spatialrl.reward.train_config import RewardTrainConfig
 
-    cfg = load_config(args.config, args.overrides, model=RewardTrainConfig)
-    result = train_reward_model(cfg, resume=args.resume)
+    return run_training(args, RewardTrainConfig, train_reward_model)
+
+
+def run_training(args: argparse.Namespace, config_type: type, train) -> int:
+    """Load --config with its --set overrides as `config_type`, and `train(cfg, resume)`."""
+    from spatialrl.config import load_config
+
+    cfg = load_config(args.config, args.overrides, model=config_type)
+    result = train(cfg, resume=args.resume)
     print(f"mlflow run {result.mlflow_run_id}: {result.steps_done}/{cfg.optim.steps} steps; "
           f"model in {result.checkpoint}/model")
     return 0

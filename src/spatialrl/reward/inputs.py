@@ -80,17 +80,25 @@ class QwenVLChatEncoder:
         """input_ids and attention_mask [B, L] (padded on `tokenizer.padding_side`),
         pixel_values [patches, C*T*P*P] and image_grid_thw [sum of images, 3], images in
         sample order. `images[i]` fills the image parts of `contents[i]`."""
+        texts, vision = self.chat_inputs(contents, images)
+        text = self.tokenizer([t + suffix for t in texts], padding=True, return_tensors="pt")
+        return BatchFeature({**text, **vision})
+
+    def chat_inputs(
+        self, contents: Sequence[list[dict]], images: Sequence[Sequence[Image.Image]]
+    ) -> tuple[list[str], BatchFeature]:
+        """Each sample's chat text up to the opened assistant turn, with one image token per
+        merged patch, and the image processor's tensors (see `encode`)."""
         vision = self.image_processor(
             images=[image for sample in images for image in sample], return_tensors="pt"
         )
         merged = vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2
         counts = iter(merged.tolist())
         texts = [
-            self._chat_text(content, [next(counts) for _ in sample]) + suffix
+            self._chat_text(content, [next(counts) for _ in sample])
             for content, sample in zip(contents, images, strict=True)
         ]
-        text = self.tokenizer(texts, padding=True, return_tensors="pt")
-        return BatchFeature({**text, **vision})
+        return texts, vision
 
     def _chat_text(self, content: list[dict], image_tokens: list[int]) -> str:
         text = self.tokenizer.apply_chat_template(

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BatchFeature, Qwen2_5_VLForConditionalGeneration
 
-from spatialrl.reward.config import SpatialScoreConfig
+from spatialrl.reward.config import RewardLoraConfig, SpatialScoreConfig
 from spatialrl.reward.inputs import REWARD_TOKEN, SpatialScoreProcessor
 
 CONFIG_FILE = "spatialscore.json"
@@ -109,7 +109,8 @@ class SpatialScore(nn.Module):
         with warnings.catch_warnings():  # peft reads transformers' deprecated property
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
                                     FutureWarning)
-            backbone = get_peft_model(backbone, lora_config(config))
+            backbone = get_peft_model(
+                backbone, lora_config(config.lora, config.train_vision_tower))
         return cls(backbone, processor, config)
 
     @classmethod
@@ -237,16 +238,16 @@ class SpatialScore(nn.Module):
         return ScoreOutput(mu=mu, sigma=log_sigma.exp())
 
 
-def lora_config(config: SpatialScoreConfig) -> LoraConfig:
-    """LoRA on the language model's decoder projections only (the vision tower has layers
-    with the same names); the whole vision tower trains beside it when configured."""
-    names = "|".join(map(re.escape, config.lora.target_modules))
+def lora_config(lora: RewardLoraConfig, train_vision_tower: bool = False) -> LoraConfig:
+    """LoRA on a Qwen-VL language model's decoder projections only (the vision tower has
+    layers with the same names); the whole vision tower trains beside it when asked."""
+    names = "|".join(map(re.escape, lora.target_modules))
     return LoraConfig(
-        r=config.lora.rank,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         target_modules=rf"model\.language_model\.layers\.\d+\.\w+\.(?:{names})",
-        modules_to_save=["visual"] if config.train_vision_tower else None,
+        modules_to_save=["visual"] if train_vision_tower else None,
     )
 
 

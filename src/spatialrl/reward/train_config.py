@@ -1,4 +1,6 @@
-"""Typed configuration of a SpatialScore training run (`spatialrl reward train --config`)."""
+"""Typed configuration of a training run on Ray Train + DeepSpeed: what every run has
+(TrainRunConfig: steps, checkpoints, evaluation, init_from, optimiser, workers), and the
+SpatialScore run (`spatialrl reward train --config`) built on it."""
 
 from __future__ import annotations
 
@@ -10,15 +12,12 @@ from spatialrl.config import MlflowConfig, Pair, Section
 from spatialrl.reward.config import SpatialScoreConfig
 
 
-class RewardDataConfig(Section):
-    # Preference-pair parquet files (spatialrl.data.pairs schema); only their matching split
-    # is used, so one file holding both splits works as well. Several train files are one
-    # mixed set (each epoch shuffles them together): a curriculum stage that must not
-    # forget the last stage's task trains on both.
+class TrainDataConfig(Section):
+    # Parquet files; only their matching split is used, so one file holding both splits
+    # works as well. Several train files are one mixed set (each epoch shuffles them
+    # together): a curriculum stage that must not forget the last stage's task trains on both.
     train: list[str] = Field(min_length=1)
     test: str | None = None
-    # Evaluate on the first N valid test pairs only (a large test split, frequent evals).
-    max_test_pairs: int | None = Field(None, ge=1)
 
     @field_validator("train", mode="before")
     @classmethod
@@ -26,13 +25,19 @@ class RewardDataConfig(Section):
         return [value] if isinstance(value, str) else value
 
 
+class RewardDataConfig(TrainDataConfig):
+    # Preference-pair files (spatialrl.data.pairs schema).
+    # Evaluate on the first N valid test pairs only (a large test split, frequent evals).
+    max_test_pairs: int | None = Field(None, ge=1)
+
+
 class RewardOptimConfig(Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: Pair[float] = (0.9, 0.999)
     steps: int = Field(1000, ge=1, description="optimizer steps in total")
-    batch_size: int = Field(8, ge=1, description="pairs per step on each worker")
-    # Pairs per forward/backward; batch_size / micro_batch_size of them are accumulated.
+    batch_size: int = Field(8, ge=1, description="examples (pairs) per step on each worker")
+    # Examples per forward/backward; batch_size / micro_batch_size of them are accumulated.
     micro_batch_size: int | None = Field(None, ge=1, description="None: the whole batch")
     grad_clip: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0, description="linear warmup, then cosine decay to 0")
@@ -65,25 +70,32 @@ class RewardDistributedConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
 
 
-class RewardTrainConfig(Section):
+class TrainRunConfig(Section):
+    """What the shared trainer (learners/deepspeed_trainer.py) reads; a model's run config
+    adds `model` (with a `base_model`), `data` (a TrainDataConfig) and `mlflow`."""
+
     seed: int = 0
     # Checkpoints (Ray Train's, holding DeepSpeed's) and the MLflow run id live here.
-    output_dir: str = "runs/reward"
+    output_dir: str
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at the end")
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(0, ge=0, description="steps between test evaluations; 0 = at the end")
-    eval_batch_size: int = Field(16, ge=1, description="pairs per forward when evaluating")
+    eval_batch_size: int = Field(16, ge=1, description="examples per forward when evaluating")
     log_every: int = Field(1, ge=1)
     # End this invocation after this step, with a checkpoint; `--resume` continues the run
     # (time-sliced or preemptible allocations). None: train to optim.steps.
     stop_after: int | None = Field(None, ge=1)
-    model: SpatialScoreConfig = Field(default_factory=SpatialScoreConfig)
-    # Start from trained weights instead of a fresh adapter and head: a SpatialScore
-    # checkpoint folder or hub id, or the output_dir of an earlier run (its newest
-    # checkpoint). A curriculum's next stage, or more training on new pairs; `model` must
-    # build the same shapes (base model architecture, LoRA, head).
+    # Start from trained weights: a checkpoint folder or hub id of the model trained, or the
+    # output_dir of an earlier run (its newest checkpoint). A curriculum's next stage, or
+    # more training on new data; `model` must build the same shapes.
     init_from: str | None = None
-    data: RewardDataConfig
     optim: RewardOptimConfig = Field(default_factory=RewardOptimConfig)
     distributed: RewardDistributedConfig = Field(default_factory=RewardDistributedConfig)
+
+
+class RewardTrainConfig(TrainRunConfig):
+    output_dir: str = "runs/reward"
+    # init_from here: a SpatialScore checkpoint (base model architecture, LoRA, head alike).
+    model: SpatialScoreConfig = Field(default_factory=SpatialScoreConfig)
+    data: RewardDataConfig
     mlflow: MlflowConfig = Field(default_factory=lambda: MlflowConfig(experiment="spatialscore"))

@@ -1,5 +1,7 @@
 """SpatialScore training core: preference pairs -> batches -> Gaussian Bradley-Terry loss ->
-metrics. No Ray and no DeepSpeed here; learners/spatialscore_trainer.py wraps these in both.
+metrics, and SpatialScoreTask, which hands them to the shared trainer
+(learners/deepspeed_trainer.py, through learners/spatialscore_trainer.py). No Ray and no
+DeepSpeed here.
 
 A batch of n pairs is one forward over 2n images: the n preferred ones, then the n rejected
 ones, each with the pair's clean prompt (the rejected image shows the perturbed prompt, and is
@@ -15,17 +17,29 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from transformers import BatchFeature, get_cosine_schedule_with_warmup
 
+from spatialrl.config import ConfigError
 from spatialrl.data.pairs import PairReadResult, PreferencePair, decode_image, iter_pairs
 from spatialrl.errors import InputError
+from spatialrl.reward.evaluation import ScoredPair, accuracy_summary, score_pairs
 from spatialrl.reward.loss import gaussian_bt_loss, pairwise_accuracy
-from spatialrl.reward.model import HeadOutput, SpatialScore
-from spatialrl.reward.train_config import RewardOptimConfig
+from spatialrl.reward.model import (
+    HeadOutput,
+    SpatialScore,
+    checkpoint_folder,
+    read_checkpoint_config,
+)
+from spatialrl.reward.train_config import RewardOptimConfig, RewardTrainConfig
+from spatialrl.reward.train_task import TaskData
+
+Item = TypeVar("Item")
 
 
 def load_pairs(
@@ -52,19 +66,17 @@ def load_pairs(
     return PairReadResult(pairs=shard, skipped=dict(skipped))
 
 
-def batch_at(
-    pairs: Sequence[PreferencePair], batch_size: int, seed: int, step: int
-) -> list[PreferencePair]:
+def batch_at(items: Sequence[Item], batch_size: int, seed: int, step: int) -> list[Item]:
     """Batch `step` of endless reshuffled epochs: positions [step * B, (step + 1) * B) of
     the concatenated epochs, each epoch a permutation drawn from (seed, epoch)."""
-    n = len(pairs)
+    n = len(items)
     positions = range(step * batch_size, (step + 1) * batch_size)
-    return [pairs[_epoch_order(n, seed, p // n)[p % n]] for p in positions]
+    return [items[_epoch_order(n, seed, p // n)[p % n]] for p in positions]
 
 
 def batches(
-    pairs: Sequence[PreferencePair], batch_size: int, seed: int, start_step: int = 0
-) -> Iterator[list[PreferencePair]]:
+    pairs: Sequence[Item], batch_size: int, seed: int, start_step: int = 0
+) -> Iterator[list[Item]]:
     """batch_at for start_step, start_step + 1, ..."""
     if not pairs:
         raise ValueError("no pairs to draw batches from")
@@ -121,3 +133,67 @@ def make_optimizer(
 def step_seed(seed: int, step: int, rank: int = 0, micro_batch: int = 0) -> int:
     """The seed of one micro-batch's randomness (dropout, Monte Carlo noise)."""
     return int(np.random.SeedSequence([seed, step, rank, micro_batch]).generate_state(1)[0])
+
+
+class SpatialScoreTask:
+    """SpatialScore for the shared trainer: preference pairs, the Gaussian Bradley-Terry loss
+    and held-out pairwise accuracy by the number of perturbed relations."""
+
+    kind = "spatialscore"
+    unit = "pairs"
+    config_type = RewardTrainConfig
+    shown_metrics = ("train/loss", "train/accuracy", "train/lr", "eval/accuracy")
+
+    def check_data(self, cfg: RewardTrainConfig) -> None:
+        """Each file exists, has every column and a valid pair of its split (the workers read
+        them fully and count skipped rows)."""
+        files = [("train", path) for path in cfg.data.train] + [("test", cfg.data.test)]
+        for split, path in files:
+            if path is not None and next(iter_pairs(path, split=split), None) is None:
+                raise ConfigError(f"data.{split}: {path} has no valid {split} pairs")
+
+    def check_init_from(self, location: str, cfg: RewardTrainConfig) -> None:
+        try:
+            saved = read_checkpoint_config(checkpoint_folder(location))
+        except (FileNotFoundError, OSError, ValueError) as err:
+            raise ConfigError(f"init_from: {err}") from err
+        if saved.finetune == "full" and cfg.model.finetune != "full":
+            raise ConfigError(
+                f"init_from: {location} was trained with finetune full; set model.finetune "
+                "full to start from its backbone weights"
+            )
+
+    def build_model(self, cfg: RewardTrainConfig) -> SpatialScore:
+        model = SpatialScore.from_config(cfg.model)
+        if cfg.init_from:  # a --resume then loads its own checkpoint over these weights
+            model.load_weights(cfg.init_from)
+        return model
+
+    def load_data(self, cfg: RewardTrainConfig, split: str, rank: int,
+                  world_size: int) -> TaskData:
+        paths = cfg.data.train if split == "train" else cfg.data.test
+        limit = cfg.data.max_test_pairs if split == "test" else None
+        read = load_pairs(paths, split, rank, world_size, limit)
+        return TaskData(read.pairs, read.skipped)
+
+    def micro_batch_loss(
+        self, forward: Callable, model: SpatialScore, items: Sequence[PreferencePair],
+        cfg: RewardTrainConfig,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs = encode_pairs(model, items)
+        return pair_loss(forward(**inputs.to(model.device)), cfg.model.mc_samples)
+
+    def eval_records(self, model: SpatialScore, items: Sequence[PreferencePair],
+                     cfg: RewardTrainConfig) -> list[ScoredPair]:
+        return score_pairs(model, items, cfg.eval_batch_size)
+
+    def eval_metrics(self, records: Sequence[ScoredPair]) -> dict[str, float]:
+        summary = accuracy_summary(records)
+        metrics = {"eval/accuracy": summary["accuracy"], "eval/pairs": summary["pairs"]}
+        for group, result in summary["by_num_perturbed"].items():
+            if result["accuracy"] is not None:
+                metrics[f"eval/accuracy_{group.replace('-', '_')}"] = result["accuracy"]
+        return metrics
+
+    def save_model(self, model: SpatialScore, folder: Path) -> Path:
+        return model.save_pretrained(folder)
