@@ -1,10 +1,12 @@
-"""`spatialrl serve`: SpatialScore as an HTTP service; `spatialrl generate`: best-of-N."""
+"""`spatialrl serve`: SpatialScore (or, with `kind: spatialreward` in the config, SpatialReward)
+as an HTTP service; `spatialrl generate`: best-of-N."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -12,8 +14,8 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
-        "serve", help="SpatialScore as an HTTP JSON service on Ray Serve (127.0.0.1 unless "
-        "--host says otherwise)",
+        "serve", help="SpatialScore, or SpatialReward with a `kind: spatialreward` config, as "
+        "an HTTP JSON service on Ray Serve (127.0.0.1 unless --host says otherwise)",
     )
     _config_arguments(serve)
     serve.add_argument("--host", help="address to bind (default: the config's, 127.0.0.1)")
@@ -48,7 +50,8 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", metavar="CKPT",
                         help="SpatialScore checkpoint folder or hub repo (sets reward.kind="
-                        "spatialscore and reward.spatialscore_path)")
+                        "spatialscore and reward.spatialscore_path); with kind: spatialreward, "
+                        "the judge's folder or hub id (sets model.model)")
 
 
 def _positive_int(text: str) -> int:
@@ -68,9 +71,12 @@ def _seed(text: str) -> int:
 
 
 def load_service_config(args: argparse.Namespace):
+    """The config of the service kind the YAML (or --set kind=...) names."""
     from spatialrl.config import load_config
-    from spatialrl.service.config import ServiceConfig, resolve_local_paths
+    from spatialrl.service.config import ServiceConfig, ServiceKindOnly, resolve_local_paths
 
+    if load_config(args.config, args.overrides, model=ServiceKindOnly).kind == "spatialreward":
+        return _load_spatialreward_config(args)
     cfg = load_config(args.config, args.overrides, model=ServiceConfig)
     if args.model:
         cfg.reward.kind, cfg.reward.spatialscore_path = "spatialscore", args.model
@@ -78,15 +84,29 @@ def load_service_config(args: argparse.Namespace):
     return cfg
 
 
+def _load_spatialreward_config(args: argparse.Namespace):
+    from spatialrl.config import load_config
+    from spatialrl.service.spatialreward_config import (
+        SpatialRewardServiceConfig,
+        resolve_model_path,
+    )
+
+    values = {"model.model": args.model} if args.model else None
+    cfg = load_config(args.config, args.overrides, model=SpatialRewardServiceConfig,
+                      values=values)
+    resolve_model_path(cfg)
+    return cfg
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from spatialrl.actors.service import APP_NAME, auth_token, start_service
+    from spatialrl.actors.ingress import auth_token
     from spatialrl.service.config import LOOPBACK_HOSTS
 
     cfg = load_service_config(args)
-    cfg.reward.check_ready()
+    service, title = _service_module(cfg, args)
     cfg.host = args.host or cfg.host
     cfg.port = args.port or cfg.port
     if auth_token(cfg) is None and cfg.host not in LOOPBACK_HOSTS:
@@ -96,14 +116,34 @@ def run_serve(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     ray.init(address=args.address)
     try:
-        url = start_service(cfg)
-        print(f"SpatialScore service at {url} (OpenAPI: {url}/docs); Ctrl-C stops it",
-              flush=True)
+        url = service.start_service(cfg)
+        print(f"{title} service at {url} (OpenAPI: {url}/docs); Ctrl-C stops it", flush=True)
         stop.wait()
-        serve.delete(APP_NAME)
+        serve.delete(service.APP_NAME)
     finally:
         ray.shutdown()
     return 0
+
+
+def _service_module(cfg, args: argparse.Namespace):
+    """(the actors module that runs the service, its title), once what it needs is checked:
+    before Ray starts, so that a missing model or engine fails in one line."""
+    if cfg.kind == "spatialscore":
+        from spatialrl.actors import service
+
+        cfg.reward.check_ready()
+        return service, "SpatialScore"
+    from spatialrl.actors import spatialreward
+    from spatialrl.config import ConfigError
+    from spatialrl.spatialreward.engines import EngineUnavailable, import_vllm
+
+    # A new local instance runs the replicas in this environment: vllm must be here.
+    if cfg.serving.engine == "vllm" and not (args.address or os.environ.get("RAY_ADDRESS")):
+        try:
+            import_vllm()
+        except EngineUnavailable as err:
+            raise ConfigError(f"serving.engine: {err}") from None
+    return spatialreward, "SpatialReward"
 
 
 def _stop_on_signals():
@@ -128,6 +168,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from spatialrl.service.config import FluxGeneratorConfig
 
     cfg = load_service_config(args)
+    if cfg.kind != "spatialscore":
+        raise InputError("generate ranks candidates with SpatialScore: give a spatialscore config")
     if args.pipeline:
         flux = cfg.generator if isinstance(cfg.generator, FluxGeneratorConfig) else None
         cfg.generator = flux or FluxGeneratorConfig(model=PolicyModelConfig())

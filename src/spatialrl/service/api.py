@@ -1,5 +1,6 @@
-"""The HTTP API of the SpatialScore service: request and answer schemas (they make its OpenAPI
-description) and the checks that turn a request into prompts and RGB arrays.
+"""The HTTP API of the SpatialScore and SpatialReward services: request and answer schemas
+(they make their OpenAPI descriptions) and the checks that turn a request into text and RGB
+arrays.
 
 Everything a client sends is JSON; images are PNG or JPEG bytes in base64, or file:// URLs
 under a folder the server names. Every refusal is a RequestError carrying its HTTP status, a
@@ -17,16 +18,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from spatialrl.images import upright_rgb
 from spatialrl.prompts import prompt_problem
 from spatialrl.service.config import LimitsConfig
+from spatialrl.spatialreward.answers import EditAnswer, QualityAnswer
 
 # MPO is how PIL names a multi-frame camera JPEG; its first frame is the picture.
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
@@ -64,18 +66,19 @@ class ImageRef(ApiModel):
         return self
 
 
-class Prompted(ApiModel):
-    prompt: str = Field(
-        description="the text the image is judged against: plain text, not empty, without "
-        "special tokens such as <|im_start|>"
-    )
+def _plain_text(text: str) -> str:
+    if problem := prompt_problem(text):
+        raise ValueError(problem)
+    return text
 
-    @field_validator("prompt")
-    @classmethod
-    def _plain_text(cls, prompt: str) -> str:
-        if problem := prompt_problem(prompt):
-            raise ValueError(problem)
-        return prompt
+
+# A prompt or an instruction: plain text, refused with the reason prompt_problem gives.
+PlainText = Annotated[str, AfterValidator(_plain_text)]
+PLAIN_TEXT = "plain text, not empty, without special tokens such as <|im_start|>"
+
+
+class Prompted(ApiModel):
+    prompt: PlainText = Field(description=f"the text the image is judged against: {PLAIN_TEXT}")
 
 
 class ScoreItem(Prompted):
@@ -131,6 +134,64 @@ class BestOfNResponse(ApiModel):
     generator: str = Field(description="what sampled the candidates (model and LoRA checksum)")
     best_index: int
     candidates: list[Candidate]
+
+
+class EditRewardItem(ApiModel):
+    source: ImageRef = Field(description="the image before the edit")
+    edited: ImageRef = Field(description="the image after the edit")
+    instruction: PlainText = Field(description=f"the editing instruction: {PLAIN_TEXT}")
+
+
+class EditRewardRequest(ApiModel):
+    items: list[EditRewardItem] = Field(min_length=1)
+
+
+class EditAnswers(ApiModel):
+    edit: EditAnswer = Field(description="edit_region, reasoning, score [success, over_editing]")
+    quality: QualityAnswer = Field(description="reasoning, score [naturalness, artifacts]")
+
+
+class InvalidAnswer(ApiModel):
+    reason: str = Field(description="which answer failed and why, e.g. edit:truncated")
+    detail: str
+
+
+class EditReward(ApiModel):
+    """One item's judgement: `answer` and `reward` when both answers parsed, else `invalid`
+    (and no reward: an unreadable answer is never a score)."""
+
+    reward: float | None = Field(description="edit^0.8 * quality^0.2 / 10 (default weights)")
+    answer: EditAnswers | None
+    invalid: InvalidAnswer | None
+    affinity_key: str = Field(description="hash of the source pixels and the instruction")
+    replica: str = Field(description="the model replica that judged it")
+    prefix_cache_hit: bool
+    batch_size: int = Field(description="items in the generate call that judged this one")
+
+
+class EditRewardResponse(ApiModel):
+    model_version: str
+    results: list[EditReward]
+
+
+class ReplicaStats(ApiModel):
+    """What one SpatialReward replica has served: affinity routing works when every key is
+    served by one replica, so the replicas' distinct_keys add up to the keys sent."""
+
+    replica: str
+    requests: int = Field(description="calls, one per affinity key of an HTTP request")
+    items: int
+    distinct_keys: int = Field(description="affinity keys this replica has served")
+    repeat_keys: int = Field(description="calls whose key this replica had served before")
+    prefix_cache_hits: int
+    prefix_cache_misses: int
+    prefix_cache_entries: int
+
+
+class ServiceMetricsResponse(ApiModel):
+    replicas: list[ReplicaStats] = Field(
+        description="the latest figures of each replica that has answered this ingress"
+    )
 
 
 class ProblemResponse(ApiModel):

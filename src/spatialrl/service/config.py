@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from spatialrl.config import PolicyModelConfig, RewardConfig, Section
 
@@ -101,7 +101,9 @@ GeneratorConfig = Annotated[
 ]
 
 
-class ServiceConfig(Section):
+class HttpServiceConfig(Section):
+    """What every HTTP service shares: address, token, limits and the ingress replicas."""
+
     # Loopback unless another address is asked for here or with `spatialrl serve --host`.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -114,12 +116,9 @@ class ServiceConfig(Section):
     local_files_root: str | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     ingress: ReplicaConfig = Field(default_factory=ReplicaConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
-    # None: the best-of-N endpoint answers 404.
-    generator: GeneratorConfig | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> ServiceConfig:
+    def _check_slots(self) -> HttpServiceConfig:
         # Serve's proxy answers requests beyond the ingress's slots itself, in plain text.
         if self.limits.max_requests_in_flight >= self.ingress.max_ongoing_requests:
             raise ValueError(
@@ -128,6 +127,26 @@ class ServiceConfig(Section):
                 "that the replica has slots left to refuse the excess"
             )
         return self
+
+
+ServiceKind = Literal["spatialscore", "spatialreward"]
+
+
+class ServiceKindOnly(BaseModel):
+    """Reads only a serve config's `kind`, to pick the config class of the rest."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: ServiceKind = "spatialscore"
+
+
+class ServiceConfig(HttpServiceConfig):
+    """SpatialScore: score, compare and best-of-N."""
+
+    kind: Literal["spatialscore"] = "spatialscore"
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    # None: the best-of-N endpoint answers 404.
+    generator: GeneratorConfig | None = None
 
 
 def resolve_local_paths(cfg: ServiceConfig) -> None:

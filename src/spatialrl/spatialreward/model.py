@@ -102,19 +102,15 @@ class SpatialReward:
         instructions: Sequence[str],
     ) -> list[SpatialRewardResult]:
         """Both judgements and the reward of each sample; invalid ones say why."""
-        edit_texts = self.judge_edits(sources, edits, instructions)
-        quality_texts = self.judge_quality(edits)
-        score_range = self.config.score_range
-        return [
-            combine(parse_answer(edit, EditAnswer, score_range),
-                    parse_answer(quality, QualityAnswer, score_range),
-                    self.config.weights, score_range)
-            for edit, quality in zip(edit_texts, quality_texts, strict=True)
-        ]
+        return results_of(self.judge_edits(sources, edits, instructions),
+                          self.judge_quality(edits), self.config)
+
+    def _generate(self, contents, images, schema: type) -> list[str]:
+        return self.generate_from(self._encode(contents, images), schema)
 
     @torch.no_grad()
-    def _generate(self, contents, images, schema: type) -> list[str]:
-        inputs = self._encode(contents, images)
+    def generate_from(self, inputs: BatchFeature, schema: type) -> list[str]:
+        """The answers generated for encoded inputs (see `to_model_inputs`), one per row."""
         processors = LogitsProcessorList()
         if self.config.constrained:
             processors.append(self._constraint(schema))
@@ -127,7 +123,12 @@ class SpatialReward:
         return self.encoder.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
     def _encode(self, contents, images) -> BatchFeature:
-        inputs = self.encoder.encode(contents, images).to(self.model.device)
+        return self.to_model_inputs(self.encoder.encode(contents, images))
+
+    def to_model_inputs(self, inputs: BatchFeature) -> BatchFeature:
+        """The encoder's tensors on the model's device and dtype, with the image-token mask
+        that Qwen3-VL's rotary positions need."""
+        inputs = inputs.to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         # Qwen3-VL places its multimodal rotary positions by these (1 = image token).
         image_token_id = self.model.config.image_token_id
@@ -150,6 +151,18 @@ class SpatialReward:
         processor = self._constraints[schema]
         processor.reset()
         return processor
+
+
+def results_of(
+    edit_texts: Sequence[str], quality_texts: Sequence[str], config: SpatialRewardConfig
+) -> list[SpatialRewardResult]:
+    """Each sample's reward from its two raw answers; invalid ones say why."""
+    score_range = config.score_range
+    return [
+        combine(parse_answer(edit, EditAnswer, score_range),
+                parse_answer(quality, QualityAnswer, score_range), config.weights, score_range)
+        for edit, quality in zip(edit_texts, quality_texts, strict=True)
+    ]
 
 
 def answer_json_schema(schema: type, config: SpatialRewardConfig) -> dict:
