@@ -172,6 +172,32 @@ def kill_role_node(cluster: LocalAutoscalingCluster, role: str, ready):
     return fault
 
 
+def kill_rollout_node_before_learning(cluster: LocalAutoscalingCluster):
+    """A fault: the rollout node dies after the first iteration was sampled and scored, just
+    before the learner ranks fetch its trajectories (which live in that node's object
+    store). The iteration's samples are lost with it; the loop samples it again."""
+
+    async def fault(trainer: RayTrainer) -> dict:
+        learners, record = trainer.backend.learners, {}
+        update = learners.update
+
+        def update_after_losing_the_node(batch):
+            if not record:
+                (node,) = cluster.nodes_of_type("rollout")
+                record.update(
+                    what="rollout node: SIGKILL of its raylet and workers, before learning",
+                    node_id=node["NodeID"], at_learner_version=learners.version,
+                    raylet_pid=cluster.kill_node(node["NodeID"]))
+            return update(batch)
+
+        learners.update = update_after_losing_the_node
+        while not record:
+            await asyncio.sleep(0.05)
+        return record
+
+    return fault
+
+
 def kill_learner_rank(rank: int, after_iteration: int):
     """A fault: once `after_iteration` is in the ledger, kill one learner rank; the next
     learner call finds it gone."""
@@ -190,6 +216,11 @@ def kill_learner_rank(rank: int, after_iteration: int):
 def rollout_node_lost(cluster, tiny_flux: Path, workdir: Path) -> dict:
     cfg = trainer_config(tiny_flux, workdir, "iterations=3", "checkpoint_every=0")
     return run_with_fault(cluster, cfg, kill_role_node(cluster, "rollout", first_update_applied))
+
+
+def samples_lost(cluster, tiny_flux: Path, workdir: Path) -> dict:
+    cfg = trainer_config(tiny_flux, workdir, "iterations=3", "checkpoint_every=0")
+    return run_with_fault(cluster, cfg, kill_rollout_node_before_learning(cluster))
 
 
 def learner_lost(cluster, tiny_flux: Path, workdir: Path, fault) -> dict:

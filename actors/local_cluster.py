@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 import ray
+from ray.autoscaler.v2.sdk import get_cluster_status
 
 HEAD_NODE_TYPE = "ray.head.default"  # the fake provider's name for the head
 NODE_TYPE_LABEL = "node-type"  # the label each worker node carries: its node type's name
@@ -177,6 +178,21 @@ class LocalAutoscalingCluster:
             with suppress(psutil.NoSuchProcess):
                 process.send_signal(signal.SIGKILL)
         return raylet.pid
+
+    def wait_until_only_the_head_is_left(self, timeout_s: float) -> float:
+        """Wait for the autoscaler to remove every worker node as idle; on a timeout, the
+        error says what each node still holds."""
+        try:
+            return self.wait_for(lambda: not self.worker_counts(), timeout_s, "idle nodes removed")
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}; nodes still up: {self.node_usage()}") from None
+
+    def node_usage(self) -> list[dict]:
+        """The autoscaler's view of each node: its type, status and the resources in use."""
+        status = get_cluster_status(self.address)
+        return [{"type": node.ray_node_type_name, "status": node.node_status,
+                 "in_use": {u.resource_name: u.used for u in node.resource_usage.usage if u.used}}
+                for node in status.active_nodes + status.idle_nodes]
 
     @staticmethod
     def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:

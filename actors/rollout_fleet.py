@@ -30,6 +30,7 @@ from spatialrl.actors.placement_groups import in_bundle, reserve
 from spatialrl.actors.rollout import RolloutActor, unpack_group
 from spatialrl.config import TrainConfig
 from spatialrl.loop import IterationRollouts
+from spatialrl.recovery import describe
 from spatialrl.reward_functions import RewardOutput
 from spatialrl.role_resources import role_bundles
 
@@ -154,7 +155,7 @@ class RolloutFleet:
                             index, answer["version"], expected)
             # A lost object: the answer was on a node that died before the driver fetched it.
             except (RayActorError, ObjectLostError) as err:
-                log.warning("rollout actor %d died: %s", index, err)
+                log.warning("rollout actor %d died: %s", index, describe(err))
             self.counters["faults/redone_groups"] += redo_groups
             await self._recover(index, seen)
 

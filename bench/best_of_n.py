@@ -14,8 +14,7 @@ candidates:
   shows the mechanics and the ceiling, not the worth of a learned reward.
 - spatialscore-random: an untrained tiny SpatialScore, the control (should be near one sample).
 - each --spatialscore NAME=CKPT: a SpatialScore checkpoint, e.g. one from
-  `spatialrl reward train` on shapes-world pairs, or DIR/spatialscore of
-  `bench/reward_learnability.py --save DIR`.
+  `spatialrl reward train` on shapes-world pairs or a `spatialrl reward package` folder.
 Per ranker: the best-of-N rate (share of prompts whose pick the evaluator judges fully
 correct) and mean relation accuracy of the picks, beside the single-sample rates (share of all
 candidates judged fully correct: the expected rate of one sample). With --pairs, each

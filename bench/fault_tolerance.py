@@ -1,6 +1,7 @@
-"""Fault tolerance of the Ray trainer on a local autoscaling cluster: the three scenarios of
-spatialrl.actors.fault_rehearsal (a lost rollout node, a lost learner rank, a lost learner
-node), recorded in a result file. tests/test_autoscaling_cluster.py asserts the same
+"""Fault tolerance of the Ray trainer on a local autoscaling cluster: the four scenarios of
+spatialrl.actors.fault_rehearsal (a lost rollout node while sampling, a lost rollout node
+holding samples not yet learned from, a lost learner rank, a lost learner node), recorded in
+a result file. tests/test_autoscaling_cluster.py asserts the same
 scenarios.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/fault_tolerance.py
@@ -20,6 +21,7 @@ from spatialrl.actors.fault_rehearsal import (
     learner_node_lost,
     learner_rank_lost,
     rollout_node_lost,
+    samples_lost,
     start_cluster,
     stop_cluster,
 )
@@ -39,9 +41,10 @@ def main() -> None:
             result = {"node_types": NODE_TYPES}
             result["rollout_node_lost"] = rollout_node_lost(cluster, tiny_flux,
                                                             workdir / "rollout")
-            for name, scenario in [("learner_lost", learner_rank_lost),
+            for name, scenario in [("samples_lost", samples_lost),
+                                   ("learner_lost", learner_rank_lost),
                                    ("learner_node_lost", learner_node_lost)]:
-                cluster.wait_for(lambda: not cluster.worker_counts(), 120, "idle nodes removed")
+                cluster.wait_until_only_the_head_is_left(120)
                 result[name] = scenario(cluster, tiny_flux, workdir / name)
         finally:
             stop_cluster(cluster)

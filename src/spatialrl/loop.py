@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 # Logged from iteration 0, so that their charts exist before the first fault or drop.
 COUNTERS = ("faults/rollout_actor_failures", "faults/redone_groups", "faults/reward_retries",
-            "faults/learner_restarts", "faults/redone_iterations", "staleness/dropped_groups",
-            "filter/dropped_nonfinite_groups", "filter/skipped_updates")
+            "faults/resampled_iterations", "faults/learner_restarts", "faults/redone_iterations",
+            "staleness/dropped_groups", "filter/dropped_nonfinite_groups",
+            "filter/skipped_updates")
 
 
 class TrainingLoop:

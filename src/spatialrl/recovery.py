@@ -2,7 +2,8 @@
 run.
 
 Trajectories lost before the learners read them (their node died) fail the learners' staging
-call alone: the iteration is sampled again, counted as faults/redone_groups.
+call alone: the iteration is sampled again, counted as faults/resampled_iterations and
+faults/redone_groups.
 
 A learner rank that dies (its process or its node) loses the group's optimiser state: the
 backend builds a new group, which loads the newest complete checkpoint (or keeps the initial
@@ -44,6 +45,13 @@ class SamplesLost(Exception):
     them died). Nothing was trained; the loop samples the iteration again."""
 
 
+def describe(error: BaseException) -> str:
+    """An error as text for a log line. A handler that keeps records (pytest's, a memory
+    handler) would keep the exception, and through its traceback the frames holding the
+    iteration's ObjectRefs: their objects would stay pinned and their node never idle."""
+    return f"{type(error).__name__}: {error}"
+
+
 async def learn_or_resample(loop: TrainingLoop, data: IterationRollouts
                             ) -> tuple[dict[str, float], list[dict]]:
     """Stage 2, with the iteration sampled again as long as its samples are lost."""
@@ -51,7 +59,8 @@ async def learn_or_resample(loop: TrainingLoop, data: IterationRollouts
         try:
             return await loop.backend.on_learners(loop.learn, data)
         except SamplesLost as lost:
-            log.warning("iteration %d: %s; sampling it again", data.iteration, lost)
+            log.warning("iteration %d: %s; sampling it again", data.iteration, describe(lost))
+            loop.counters["faults/resampled_iterations"] += 1
             loop.counters["faults/redone_groups"] += len(data.groups)
             per_iteration = loop.cfg.prompts.prompts_per_iteration
             prompts = loop.prompts.slice(data.iteration * per_iteration, per_iteration)
@@ -68,7 +77,7 @@ async def roll_back_to_checkpoint(loop: TrainingLoop, in_flight: dict[int, async
         raise RuntimeError(f"learner group lost {restarts:g} times (cluster."
                            f"max_learner_restarts={cfg.cluster.max_learner_restarts})") from lost
     log.warning("learner lost at iteration %d (%s): restarting the learner group",
-                failed_iteration, lost)
+                failed_iteration, describe(lost))
     for task in in_flight.values():
         task.cancel()
     in_flight.clear()

@@ -3,7 +3,7 @@ to learn first (`spatialrl data shapes --task ...`).
 
 A tiny random SpatialScore trained on the full shapes pairs from scratch stays at chance; the
 same model trained on colour, then one relation, then every relation, then the full pairs
-gets there (bench/reward_learnability.py and bench/README.md).
+gets there (bench/README.md, the learnability ladder).
 
 Tasks, each with two objects and one change between the preferred and the rejected image:
 - colour: no relation to judge, only words bound to pixels: the rejected image is the same

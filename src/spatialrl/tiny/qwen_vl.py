@@ -76,7 +76,8 @@ MIN_PIXELS = 28 * 28
 MAX_PIXELS = 16 * 28 * 28  # 112x112: at most 16 image tokens
 # The backbone a tiny SpatialScore learns shapes-world relations on (the reward curriculum):
 # two layers are too shallow, and the 7B's rotary theta 1e6 leaves some of the 4x4 image
-# token columns within 1e-3 rad of each other at head_dim 16 (bench/reward_learnability.py).
+# token columns within 1e-3 rad of each other at head_dim 16 (bench/README.md, the
+# learnability ladder).
 REWARD_BACKBONE = {"layers": 4, "rope_theta": 2.0}
 
 
@@ -133,7 +134,8 @@ def learn_merges(sequences: list[tuple[str, ...]]) -> list[tuple[str, str]]:
 def fan_in_std(width: int) -> float:
     """Init std 1/sqrt(width). The 7B's 0.02 suits its width 3584; at width 64 it starts the
     tiny model near zero, where learning to bind prompt words to pixels from preference pairs
-    waits on a long plateau whose length depends on the seed (bench/reward_learnability.py)."""
+    waits on a long plateau whose length depends on the seed (bench/README.md, the
+    learnability ladder)."""
     return width**-0.5
 
 
