@@ -19,7 +19,8 @@ def test_agreement_counts_only_pairs_the_rule_tells_apart():
 
 def evaluation(reward: float, accuracy: float, se: float = 0.01) -> dict[str, float]:
     return {"eval/reward_mean": reward, "eval/relation_accuracy": accuracy,
-            "eval/relation_accuracy_se": se, "eval/all_relations_correct": accuracy / 2}
+            "eval/relation_accuracy_se": se, "eval/all_relations_correct": accuracy / 2,
+            "eval/readable_objects": 0.5 + accuracy}
 
 
 def test_watch_flags_reward_rising_while_rule_accuracy_falls(caplog):
@@ -32,6 +33,7 @@ def test_watch_flags_reward_rising_while_rule_accuracy_falls(caplog):
     assert watch.tags() == {"reward_hacking_suspected": "true"}
     summary = watch.summary()
     assert "relation_accuracy 0.3 -> 0.2" in summary and "iterations [20]" in summary
+    assert "readable_objects 0.8 -> 0.7" in summary
 
 
 def test_watch_tolerates_noise_and_a_falling_reward():

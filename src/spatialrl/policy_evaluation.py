@@ -68,6 +68,11 @@ def pairwise_agreement(reward: np.ndarray, rule_accuracy: np.ndarray) -> float:
     return float(((same[told_apart] + 1) / 2).mean())
 
 
+# The held-out figures a run's last line compares, first evaluation against last.
+SUMMARY_FIGURES = ("eval/relation_accuracy", "eval/all_relations_correct",
+                   "eval/readable_objects", "eval/reward_mean")
+
+
 class RewardHackingWatch:
     """Flags the reward rising while the rule evaluator's accuracy falls.
 
@@ -84,8 +89,8 @@ class RewardHackingWatch:
     def update(self, metrics: dict[str, float], iteration: int) -> dict[str, float]:
         if "eval/relation_accuracy" not in metrics:
             return {}
-        now = {k: metrics[k] for k in ("eval/reward_mean", "eval/relation_accuracy",
-                                       "eval/relation_accuracy_se", "eval/all_relations_correct")}
+        now = {k: metrics[k] for k in (*SUMMARY_FIGURES, "eval/relation_accuracy_se")
+               if k in metrics}
         self.first = self.first or now
         self.last = now
         accuracy = now["eval/relation_accuracy"]
@@ -111,8 +116,7 @@ class RewardHackingWatch:
         if self.first is None or self.last is None:
             return "no shapes-world evaluation ran"
         parts = [f"{name.removeprefix('eval/')} {self.first[name]:.4g} -> {self.last[name]:.4g}"
-                 for name in ("eval/relation_accuracy", "eval/all_relations_correct",
-                              "eval/reward_mean")]
+                 for name in SUMMARY_FIGURES if name in self.first and name in self.last]
         verdict = (f"possible reward hacking at iterations {[i + 1 for i in self.suspected_at]}"
                    if self.suspected_at else "no reward hacking seen")
         return "held-out, first evaluation -> last: " + ", ".join(parts) + f"; {verdict}"
