@@ -8,6 +8,13 @@ spatialrl.flux.sde) whose log-probabilities are recorded; the other steps stay O
 Every sample owns a CPU torch.Generator seeded with its seed, drawing first its initial noise
 (as FluxPipeline does with a list of generators) and then its noise for each SDE step, so a
 sample's trajectory does not depend on the batch it was drawn in.
+
+With conditioning images, `sample` is FluxKontextPipeline.__call__ instead (at height x width,
+i.e. max_area = height * width): each sample's source image becomes conditioning tokens (see
+spatialrl.flux.conditioning) appended to the noisy tokens along the sequence, the transformer
+sees both, and only the noisy tokens' velocity is used. The schedule's shift still depends on
+the noisy tokens alone. The tokens are stored in the Trajectory, so the learner's log-probs see
+the same input as the sampler's.
 """
 
 from __future__ import annotations
@@ -21,20 +28,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import FluxPipeline
+from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from spatialrl.config import SamplingConfig
+from spatialrl.flux.conditioning import encode_condition_images, no_condition
 from spatialrl.flux.encoding import PromptEmbeddingCache, encode_prompts
 from spatialrl.flux.sde import SdeType, Transition, gaussian_log_prob, sample_next, transition
 
 # Trajectory fields with one row per sample, and tensors shared by the whole record.
 PER_SAMPLE_TENSORS = (
     "states", "log_probs", "prompt_embeds", "pooled_prompt_embeds", "guidance", "seeds",
+    "condition_latents",
 )
-SHARED_TENSORS = ("sde_mask", "sigmas", "timesteps", "text_ids", "latent_image_ids")
+SHARED_TENSORS = (
+    "sde_mask", "sigmas", "timesteps", "text_ids", "latent_image_ids", "condition_image_ids",
+)
 SHARED_METADATA = ("height", "width", "noise_level", "sde_type")
 
 
@@ -59,6 +71,9 @@ class Trajectory:
     timesteps: torch.Tensor  # [T] float32: sigmas * 1000, as the scheduler gives them
     text_ids: torch.Tensor  # [S, 3]
     latent_image_ids: torch.Tensor  # [L, 3]
+    # Kontext's packed source-image latents, Lc = 0 for text-to-image: [B, Lc, C] pipeline dtype
+    condition_latents: torch.Tensor
+    condition_image_ids: torch.Tensor  # [Lc, 3], first coordinate 1
     height: int
     width: int
     noise_level: float
@@ -146,21 +161,23 @@ def flux_schedule(
 def predict_velocity(
     transformer: torch.nn.Module, trajectory: Trajectory, latents: torch.Tensor, step_index: int
 ) -> torch.Tensor:
-    """The transformer's velocity at step `step_index`, float32, with FluxPipeline's inputs: all
-    in the transformer's dtype except the guidance, which stays float32."""
+    """The transformer's velocity at step `step_index`, float32, with FluxPipeline's (or, with
+    conditioning tokens, FluxKontextPipeline's) inputs: all in the transformer's dtype except
+    the guidance, which stays float32. Conditioning tokens follow the noisy ones; their outputs
+    are dropped."""
     dtype = transformer.dtype
     timestep = trajectory.timesteps[step_index].expand(latents.shape[0]).to(dtype)
     velocity = transformer(
-        hidden_states=latents.to(dtype),
+        hidden_states=torch.cat([latents.to(dtype), trajectory.condition_latents.to(dtype)], 1),
         timestep=timestep / 1000,
         guidance=trajectory.guidance,
         pooled_projections=trajectory.pooled_prompt_embeds.to(dtype),
         encoder_hidden_states=trajectory.prompt_embeds.to(dtype),
         txt_ids=trajectory.text_ids.to(dtype),
-        img_ids=trajectory.latent_image_ids.to(dtype),
+        img_ids=torch.cat([trajectory.latent_image_ids, trajectory.condition_image_ids]).to(dtype),
         return_dict=False,
     )[0]
-    return velocity.float()
+    return velocity[:, : latents.shape[1]].float()
 
 
 def step_distribution(
@@ -210,6 +227,8 @@ def sample(
     num_steps: int | None = None,
     output_type: str = "pil",
     prompt_cache: PromptEmbeddingCache | None = None,
+    condition_images: Sequence[PipelineImageInput] | None = None,
+    kontext_resolution: bool = True,
 ) -> tuple[Trajectory, list | torch.Tensor | np.ndarray]:
     """Sample one image per (prompt, seed) and record its trajectory.
 
@@ -217,9 +236,14 @@ def sample(
     output_type is FluxPipeline's: "pil" (list of images), "pt" ([B, 3, H, W] in [0, 1]), "np".
     To reproduce `pipeline(prompts, generator=[torch.Generator().manual_seed(s) for s in
     seeds], ...)` use noise_level=0: the generators are CPU generators seeded the same way.
+    condition_images (one per prompt, repeats allowed) make it an edit of those images, as
+    FluxKontextPipeline(image=..., height=h, width=w, max_area=h * w, _auto_resize=
+    kontext_resolution); see spatialrl.flux.conditioning.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if condition_images is not None and len(condition_images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(condition_images)} condition images")
     noise_level = cfg.noise_level if noise_level is None else noise_level
     num_steps = cfg.num_steps if num_steps is None else num_steps
     device = pipeline._execution_device
@@ -235,6 +259,11 @@ def sample(
         torch.float32,  # states are kept in float32; the transformer gets a cast copy
         device,
         generators,
+    )
+    condition = (
+        no_condition(batch_size, latents.shape[-1], embeddings.prompt_embeds.dtype, device)
+        if condition_images is None
+        else encode_condition_images(pipeline, condition_images, kontext_resolution)
     )
     sigmas, timesteps = flux_schedule(pipeline, num_steps, latents.shape[1], device)
     window = range(num_steps) if cfg.sde_window is None else range(*cfg.sde_window)
@@ -252,6 +281,8 @@ def sample(
         timesteps=timesteps,
         text_ids=embeddings.text_ids,
         latent_image_ids=latent_image_ids,
+        condition_latents=condition.latents,
+        condition_image_ids=condition.image_ids,
         height=cfg.height,
         width=cfg.width,
         noise_level=float(noise_level),
