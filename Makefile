@@ -17,12 +17,18 @@ tiny-models: install
 train-local: install
 	$(BIN)/spatialrl train --config configs/local.yaml --set output_dir=$(RUN_DIR)
 
+# Test files run on PYTEST_WORKERS processes (pytest-xdist), each file whole on one worker so
+# that its module fixtures (a Ray instance, a service) are built once, in the order
+# tests/conftest.py sets (slow files first): Ray tests mostly wait, so two share two cores.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # The developer tier: no Ray, no DeepSpeed, nothing marked slow (CI runs everything).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow and not ray and not deepspeed" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not ray and not deepspeed" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check src actors learners tests bench

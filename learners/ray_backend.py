@@ -32,7 +32,7 @@ from spatialrl.config import TrainConfig
 from spatialrl.learners.policy_learner import LearnerGroup
 from spatialrl.learners.weight_sync import weight_sync_for
 from spatialrl.loop import TrainingLoop
-from spatialrl.recovery import LearnerLost, resume
+from spatialrl.recovery import LearnerLost, describe, resume
 from spatialrl.role_resources import check_cluster_fits
 from spatialrl.run_state import RunState, latest_checkpoint, prepare_output_dir
 from spatialrl.tracking import Tracker, check_tracking_uri, run_name
@@ -73,7 +73,11 @@ class RayBackend:
         except RayError as error:
             if await asyncio.to_thread(self._learners_alive):
                 raise
-            raise LearnerLost(f"{type(error).__name__}: {error}") from error
+            failure = describe(error)
+        # Raised outside the handler, so not chained to the RayError: the loop keeps the
+        # LearnerLost while it rolls back, and through a chained traceback it would keep the
+        # failed call's arguments, the iteration's ObjectRefs, pinning their objects.
+        raise LearnerLost(failure)
 
     def _learners_alive(self) -> bool:
         # __ray_ready__ is the no-op method Ray gives every actor.
