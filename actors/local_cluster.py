@@ -59,7 +59,8 @@ def end_processes_naming(temp_dir: str) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-def free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host` now ("" for every interface)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

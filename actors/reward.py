@@ -1,7 +1,8 @@
 """Reward actors: a Ray Serve deployment around the core's build_reward, batching items
 dynamically across every caller.
 
-A request is one group of (prompt, uint8 HxWx3 image) items; the answer is plain lists: mu,
+A request is one group of (prompt, uint8 HxWx3 image) items, or for edits (instruction, edited
+image, source image) items; the answer is plain lists: mu,
 sigma and, per item, the number of items in the batch that scored it, with the reward version
 of the replica that scored them. Items are batched one by one, so `serving.max_batch_size`
 counts images whatever the group size, and one caller's items share batches with other
@@ -31,7 +32,12 @@ from tenacity import (
 )
 
 from spatialrl.config import RewardConfig, TrainConfig
-from spatialrl.reward_functions import build_reward, reward_input_pixels, reward_version
+from spatialrl.reward_functions import (
+    apply_reward,
+    build_reward,
+    reward_input_pixels,
+    reward_version,
+)
 
 APP_NAME = "spatialrl-reward"
 
@@ -40,29 +46,35 @@ APP_NAME = "spatialrl-reward"
 RETRYABLE_ERRORS = (RayActorError, ReplicaUnavailableError, BackPressureError)
 
 
-def parse_group(items: Sequence) -> tuple[list[str], list[Image.Image]]:
-    """(prompt, image) items -> prompts and RGB images; a ValueError names the first bad item."""
+def parse_group(items: Sequence) -> tuple[list[str], list[Image.Image], list[Image.Image] | None]:
+    """(prompt, image) or (instruction, edited image, source image) items -> prompts, RGB
+    images and sources (None for text-to-image); a ValueError names the first bad item."""
     if not isinstance(items, Sequence) or isinstance(items, str) or not items:
         raise ValueError("reward request: expected a non-empty list of (prompt, image) items")
-    prompts, images = [], []
+    width = len(items[0]) if isinstance(items[0], Sequence) else 0
+    prompts, images, sources = [], [], []
     for index, item in enumerate(items):
-        if not isinstance(item, Sequence) or len(item) != 2:
-            raise ValueError(f"reward request item {index}: expected a (prompt, image) pair")
-        prompt, image = item
+        if not isinstance(item, Sequence) or len(item) not in (2, 3) or len(item) != width:
+            raise ValueError(f"reward request item {index}: expected a (prompt, image) pair or "
+                             "an (instruction, edited image, source image) triple, all alike")
+        prompt, *pictures = item
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"reward request item {index}: prompt must be a non-empty string")
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-            kind = image.dtype if isinstance(image, np.ndarray) else type(image).__name__
-            raise ValueError(
-                f"reward request item {index}: image must be a uint8 array, got {kind}"
-            )
-        if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-            raise ValueError(
-                f"reward request item {index}: image must have shape HxWx3, got {image.shape}"
-            )
+        image, *source = (_image(picture, index) for picture in pictures)
         prompts.append(prompt)
-        images.append(Image.fromarray(image))
-    return prompts, images
+        images.append(image)
+        sources.extend(source)
+    return prompts, images, sources or None
+
+
+def _image(image: object, index: int) -> Image.Image:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        kind = image.dtype if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"reward request item {index}: image must be a uint8 array, got {kind}")
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(
+            f"reward request item {index}: image must have shape HxWx3, got {image.shape}")
+    return Image.fromarray(image)
 
 
 @serve.deployment
@@ -89,8 +101,9 @@ class RewardDeployment:
     async def score(self, items: Sequence) -> dict[str, list | str]:
         """mu, sigma and batch_sizes per item, in item order, and the version. Non-finite
         rewards come back as they are: dropping those groups is the caller's decision."""
-        prompts, images = parse_group(items)
-        scored = await asyncio.gather(*map(self._score_batch, prompts, images))
+        prompts, images, sources = parse_group(items)
+        scored = await asyncio.gather(*map(self._score_batch, prompts, images,
+                                           sources or [None] * len(images)))
         for index, result in enumerate(scored):
             if isinstance(result, Exception):
                 raise RuntimeError(f"reward request item {index}: {result!r}") from result
@@ -99,21 +112,24 @@ class RewardDeployment:
 
     @serve.batch
     async def _score_batch(
-        self, prompts: list[str], images: list[Image.Image]
+        self, prompts: list[str], images: list[Image.Image], sources: list[Image.Image | None]
     ) -> list[tuple[float, float, int] | Exception]:
-        return await self._run(prompts, images)
+        return await self._run(prompts, images, sources)
 
     async def _run(
-        self, prompts: list[str], images: list[Image.Image]
+        self, prompts: list[str], images: list[Image.Image], sources: list[Image.Image | None]
     ) -> list[tuple[float, float, int] | Exception]:
+        # A batch may mix text-to-image items and edits: only a batch of edits has sources.
+        edits = None if any(source is None for source in sources) else sources
         try:
             # A worker thread keeps the replica's event loop taking requests for the next batch.
-            out = await asyncio.to_thread(self._reward, images, prompts)
+            out = await asyncio.to_thread(apply_reward, self._reward, images, prompts, edits)
         except Exception as error:
             if len(prompts) == 1:
                 return [error]
             # An item that breaks the reward must not fail the other callers' items with it.
-            alone = [await self._run([p], [im]) for p, im in zip(prompts, images, strict=True)]
+            alone = [await self._run([p], [im], [s])
+                     for p, im, s in zip(prompts, images, sources, strict=True)]
             return [result for (result,) in alone]
         size = len(prompts)
         return [(m, s, size) for m, s in zip(out.mu.tolist(), out.sigma.tolist(), strict=True)]
@@ -165,18 +181,20 @@ class GroupScore:
 
 def score_on_deployment(
     handle: DeploymentHandle,
-    groups: Sequence[tuple[Sequence[str], Sequence[np.ndarray]]],
+    groups: Sequence[tuple[Sequence[str], Sequence[np.ndarray]]
+                     | tuple[Sequence[str], Sequence[np.ndarray], Sequence[np.ndarray]]],
     retries: int = 4,
     backoff_s: float = 0.5,
 ) -> list[GroupScore]:
-    """Score (prompts, images) groups, all sent at once so that they batch together.
+    """Score (prompts, images) groups, or (instructions, edited images, source images) groups
+    of edits, all sent at once so that they batch together.
 
     A group whose call fails on a dead or unavailable replica is sent again after
     backoff_s * 2**attempt, at most `retries` times; scores are a pure function of the items,
     so a repeat is safe, and each group is answered whole or not at all. Bad input and reward
     errors are raised at once, not retried.
     """
-    requests = [list(zip(prompts, images, strict=True)) for prompts, images in groups]
+    requests = [list(zip(*columns, strict=True)) for columns in groups]
     first = [handle.score.remote(items) for items in requests]
     return [_answer(handle, index, items, response, retries, backoff_s)
             for index, (items, response) in enumerate(zip(requests, first, strict=True))]

@@ -30,6 +30,7 @@ from spatialrl.flux.lora import (
 )
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.policy_evaluation import sample_eval_images
+from spatialrl.prompts import PromptSource, eval_tasks
 from spatialrl.rollout import RolloutGroup, sample_groups
 from spatialrl.train_batch import ScoredGroup
 
@@ -37,6 +38,15 @@ from spatialrl.train_batch import ScoredGroup
 def images_to_array(images: list[Image.Image]) -> np.ndarray:
     """[N, H, W, 3] uint8: how images cross process boundaries."""
     return np.stack([np.asarray(image.convert("RGB")) for image in images])
+
+
+def reward_request(group: RolloutGroup) -> tuple:
+    """A group as the reward deployment takes it: (prompts, images), and for edits the source
+    images too."""
+    prompts, images = [group.prompt] * len(group.images), images_to_array(group.images)
+    if group.source is None:
+        return prompts, images
+    return prompts, images, images_to_array([group.source] * len(group.images))
 
 
 def group_summary(group: RolloutGroup, score: GroupScore) -> dict:
@@ -79,6 +89,9 @@ class RolloutActor:
         self.device = resolve_device(cfg.device)
         self.pipeline = load_flux_pipeline(cfg.model, self.device)
         add_initial_adapter(self.pipeline.transformer, cfg)
+        # Edits: the source images, looked up by group id here (the driver sends ids only).
+        self.tasks = PromptSource.for_training(cfg.prompts, cfg.seed)
+        self.eval_sources = eval_tasks(cfg.prompts, cfg.seed).condition_images
         self._version = 0
         self.weight_group = None
         self.reward_handle: DeploymentHandle | None = None
@@ -97,11 +110,10 @@ class RolloutActor:
         start = time.perf_counter()
         groups = sample_groups(
             self.pipeline, prompts, group_ids, iteration, self._version, cfg.seed,
-            cfg.grpo.group_size, cfg.sampling,
+            cfg.grpo.group_size, cfg.sampling, sources=self.tasks.condition_images(group_ids),
         )
         sampled = time.perf_counter()
-        scores = score_on_deployment(self._reward(), [
-            ([g.prompt] * len(g.images), images_to_array(g.images)) for g in groups])
+        scores = score_on_deployment(self._reward(), [reward_request(g) for g in groups])
         summary = {"version": self._version, "rollout_seconds": sampled - start,
                    "reward_seconds": time.perf_counter() - sampled,
                    "groups": [group_summary(g, s) for g, s in zip(groups, scores, strict=True)]}
@@ -111,9 +123,13 @@ class RolloutActor:
         """Deterministic ODE samples of the evaluation prompts as a uint8 array, scored, with
         the version that made them (calls run in order: weights sent before this call are in
         place)."""
+        sources = self.eval_sources
         pixels = images_to_array(
-            sample_eval_images(self.pipeline, prompts, self.cfg.sampling, self.cfg.seed))
-        (score,) = score_on_deployment(self._reward(), [(prompts, pixels)])
+            sample_eval_images(self.pipeline, prompts, self.cfg.sampling, self.cfg.seed, sources))
+        # Sources one by one: held-out sources may differ in size.
+        request = (prompts, pixels) if sources is None else (
+            prompts, pixels, [np.asarray(s.convert("RGB")) for s in sources])
+        (score,) = score_on_deployment(self._reward(), [request])
         return {"version": self._version, "images": pixels, "mu": score.mu, "sigma": score.sigma}
 
     def _reward(self) -> DeploymentHandle:

@@ -196,6 +196,10 @@ class SpatialRewardDeployment:
         return [(one, len(items)) for one in scored]
 
 
+def progress(stats: ReplicaStats) -> tuple[int, int]:
+    return stats.requests, stats.prefix_cache_hits + stats.prefix_cache_misses
+
+
 app = hardened_app(
     "SpatialReward",
     "Judges image edits: where the edit is, how well it follows the instruction, and its "
@@ -268,11 +272,18 @@ class SpatialRewardService(HardenedIngress):
             self._set_in_flight(-len(instructions))
         results: list[EditReward | None] = [None] * len(instructions)
         for indices, answer in zip(groups.values(), answers, strict=True):
-            self._replica_stats[answer["stats"].replica] = answer["stats"]
+            self._keep_latest(answer["stats"])
             for index, result in zip(indices, answer["results"], strict=True):
                 results[index] = result
         self.metrics.items.inc(len(instructions), tags={"endpoint": endpoint_of(request)})
         return EditRewardResponse(model_version=answers[0]["version"], results=results)
+
+    def _keep_latest(self, stats: ReplicaStats) -> None:
+        """A replica's answers to concurrent requests can arrive in any order: keep its
+        latest snapshot, the one that has counted the most (its counters only grow)."""
+        held = self._replica_stats.get(stats.replica)
+        if held is None or progress(stats) >= progress(held):
+            self._replica_stats[stats.replica] = stats
 
     def _call(self, key: str, source: np.ndarray, instruction: str, edited: list[np.ndarray]
               ) -> DeploymentResponse:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 from best_of_n import random_spatialscore
 from results_file import write_result
 
+from spatialrl.actors.local_cluster import free_port
 from spatialrl.data.grammar import sample_scene, scene_to_prompt
 from spatialrl.data.render import render
 from spatialrl.service.api import ImageRef
@@ -38,12 +38,6 @@ from spatialrl.service.client import ServiceError, SpatialScoreClient, image_ref
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH_LIMITS = (1, 16)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(checkpoint: Path, max_batch_size: int, port: int, log: Path) -> subprocess.Popen:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from ray.exceptions import ObjectLostError
 
 from spatialrl import storage
+from spatialrl.actors.local_cluster import free_port
 from spatialrl.actors.placement_groups import in_bundle, release, reserve
 from spatialrl.broadcast import broadcast_tensors, open_group, weights_fingerprint
 from spatialrl.config import PolicyModelConfig, TrainConfig
@@ -123,10 +123,7 @@ class PolicyLearner:
 
     def master_address(self) -> tuple[str, int]:
         """This node's address and a free port, for rank 0 to host the process group."""
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return ray.util.get_node_ip_address(), free_port("")
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group (blocks until every rank has) and build the engine."""

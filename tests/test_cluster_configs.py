@@ -189,3 +189,13 @@ def test_dockerfile_copies_what_exists():
     ignore = (REPO / "cluster" / "Dockerfile.dockerignore").read_text().split()
     assert all(f"!{part}" in ignore for part in copied)
 
+
+
+def test_the_kontext_editing_config_fits_every_cluster_file(capsys):
+    kontext = REPO / "configs" / "flux-kontext-dev-cluster.yaml"
+    cfg = load_config(kontext)
+    assert (cfg.model.pretrained, cfg.prompts.task, cfg.reward.kind) == (
+        "black-forest-labs/FLUX.1-Kontext-dev", "edit", "spatialreward")
+    cfg.reward.check_ready()  # the options are SpatialRewardConfig fields
+    assert main(["cluster-check", "--config", str(kontext), *map(str, CLUSTER_FILES)]) == 0
+    assert capsys.readouterr().out.count(": holds") == len(CLUSTER_FILES)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
+from safetensors.torch import save_file
 
 from spatialrl.config import LoraConfig, PolicyModelConfig, SamplingConfig
 from spatialrl.flux.conditioning import encode_condition_images
@@ -138,6 +139,20 @@ def test_conditioning_survives_select_concat_and_save(pipeline, tmp_path):
     text_to_image, _ = sample(pipeline, PROMPTS, [3, 4], sampling())
     with pytest.raises(ValueError, match="differ in condition_image_ids"):
         Trajectory.concat([trajectory, text_to_image])
+
+
+def test_a_text_to_image_file_saved_without_conditioning_fields_still_loads(pipeline, tmp_path):
+    """Trajectory files written before edits existed have no condition_* tensors."""
+    trajectory, _ = sample(pipeline, PROMPTS, [3, 4], sampling())
+    tensors, metadata = trajectory.to_tensors()
+    del tensors["condition_latents"], tensors["condition_image_ids"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
+    loaded = Trajectory.load(tmp_path / "old.safetensors")
+    assert loaded.condition_latents.shape == (2, 0, trajectory.states.shape[-1])
+    steps = list(range(trajectory.num_steps))
+    new = recompute_log_probs(pipeline.transformer, loaded, steps)
+    assert (torch.exp(new - trajectory.log_probs) - 1).abs().max() < 1e-5
+    assert len(Trajectory.concat([loaded, trajectory]).prompts) == 4
 
 
 def test_lora_loads_into_flux_kontext_pipeline(tiny_flux_path, tmp_path):

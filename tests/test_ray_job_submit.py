@@ -12,7 +12,6 @@ import re
 import secrets
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from spatialrl.actors.local_cluster import end_processes_naming
+from spatialrl.actors.local_cluster import end_processes_naming, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -82,12 +81,6 @@ def test_readme_recipe_overrides_every_git_ignored_path_of_the_local_config():
         if path in ignored:
             assert key in overrides, f"the recipe must set {key} (config: {path}, git-ignored)"
             assert "$PWD/" in overrides[key], f"{key} must be absolute: {overrides[key]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fresh_copy_of_repository(dest: Path) -> Path:

@@ -36,8 +36,8 @@ REQUIRED_METRICS = [
 ]
 
 
-def trainer_config(tiny_flux_path, tmp_path, *extra):
-    return load_config("configs/tiny.yaml", [
+def trainer_overrides(tiny_flux_path, tmp_path, *extra) -> list[str]:
+    return [
         f"model.pretrained={tiny_flux_path}", f"output_dir={tmp_path / 'run'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "iterations=3", "eval_every=2", "checkpoint_every=2",
@@ -45,7 +45,11 @@ def trainer_config(tiny_flux_path, tmp_path, *extra):
         f"grpo.group_size={GROUP_SIZE}", "grpo.top_k=1", "sampling.num_steps=4",
         "sampling.eval_num_steps=4", "optim.micro_batch_size=2",
         "optim.updates_per_iteration=1", *extra,
-    ])
+    ]
+
+
+def trainer_config(tiny_flux_path, tmp_path, *extra):
+    return load_config("configs/tiny.yaml", trainer_overrides(tiny_flux_path, tmp_path, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +242,31 @@ def test_full_fine_tuning_broadcasts_the_weights_to_every_rollout_actor(local_ra
     base = load_flux_transformer(cfg.model)
     published = trainer.backend.weights.published
     assert published.checksum != weights_fingerprint(base.named_parameters())
+
+
+def test_an_editing_run_through_spatialrl_train(local_ray, tiny_flux_path, tmp_path):
+    """`spatialrl train` with prompts.task edit: rollout actors look each group's source image
+    up by its id (the driver sends ids and instructions only), sample G edits of it and send
+    (instruction, edit, source) to the reward deployment; the LoRA loads into
+    FluxKontextPipeline."""
+    from diffusers import FluxKontextPipeline
+
+    from spatialrl.cli import main
+
+    overrides = trainer_overrides(tiny_flux_path, tmp_path, "prompts.task=edit",
+                                  "sampling.kontext_resolution=false", "iterations=2",
+                                  "eval_every=1", "checkpoint_every=0")
+    cfg = load_config("configs/tiny.yaml", overrides)
+    argv = ["train", "--config", "configs/tiny.yaml"]
+    assert main(argv + [arg for o in overrides for arg in ("--set", o)]) == 0
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    (run,) = client.search_runs(client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id)
+    assert run.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "policy/version")] == [
+        1.0, 2.0]
+    for key in ("eval/edit_success", "eval/edits_done", "eval/reward_valid_fraction"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+    assert_every_group_once(cfg)
+    pipeline = FluxKontextPipeline.from_pretrained(tiny_flux_path, torch_dtype=torch.float32)
+    pipeline.load_lora_weights(storage.join(checkpoint_dir(cfg.output_dir, 1), "learner", "lora"))

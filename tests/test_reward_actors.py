@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from ray import serve
 
-from spatialrl.actors.reward import score_group, start_reward_deployment
+from spatialrl.actors.reward import score_group, score_on_deployment, start_reward_deployment
 from spatialrl.config import RewardConfig
 from spatialrl.data.grammar import sample_scene, scene_to_prompt
 from spatialrl.data.perturb import perturb
@@ -211,3 +211,22 @@ def test_an_item_that_breaks_the_model_fails_only_its_own_request(
     for index in (0, 1):
         alone = in_process(spatialscore_config, ["a dog"], images[1 + index:2 + index])
         assert torch.equal(good.mu[index:index + 1], alone.mu)
+
+
+def test_edits_reach_spatialreward_as_triples_and_invalid_answers_come_back_nan(
+        local_serve, tiny_models_dir):
+    """(instruction, edit, source) items reach SpatialReward; the tiny random judge's answers
+    do not parse, so each edit is NaN (the loop drops its group), never a default score. The
+    edit reward refuses pairs without sources, and a request mixing the two shapes."""
+    cfg = reward_config(8, 0.5, kind="spatialreward",
+                        spatialreward_path=str(tiny_models_dir / "qwen3-vl"),
+                        spatialreward_options={"dtype": "float32", "max_new_tokens": 8})
+    handle = start_reward_deployment(cfg, name="test-spatialreward")
+    edits, sources = noise_images(2, 4), noise_images(2, 5)
+    scored = score_on_deployment(handle, [(["Make it red"] * 2, edits, sources)])[0]
+    assert torch.isnan(scored.mu).all() and scored.batch_sizes == [2, 2]
+    with pytest.raises(RuntimeError, match="needs source images"):
+        score_group(handle, ["Make it red"], edits[:1])
+    mixed = handle.score.remote([("Make it red", edits[0], sources[0]), ("a cat", edits[1])])
+    with pytest.raises(ValueError, match="item 1: expected a .* pair or an .* triple, all alike"):
+        mixed.result()

@@ -51,3 +51,19 @@ def test_watch_ignores_evaluations_without_the_rule_evaluator():
     watch = RewardHackingWatch()
     assert watch.update({"eval/reward_mean": 1.0}, 0) == {}
     assert watch.summary() == "no shapes-world evaluation ran"
+
+
+def test_watch_on_edits_follows_the_rule_evaluators_edit_success(caplog):
+    watch = RewardHackingWatch("eval/edit_success")
+
+    def edits(reward: float, success: float) -> dict[str, float]:
+        return {"eval/reward_mean": reward, "eval/edit_success": success,
+                "eval/edit_success_se": 0.02, "eval/edits_done": success + 0.1}
+
+    # A text-to-image evaluation carries no edit success: not watched.
+    assert watch.update(evaluation(1.0, 0.3), 0) == {}
+    watch.update(edits(0.4, 0.30), 0)
+    with caplog.at_level(logging.WARNING):
+        assert watch.update(edits(0.6, 0.10), 9)["eval/reward_hacking_suspected"] == 1.0
+    assert "held-out edit_success fell (0.300 -> 0.100)" in caplog.text
+    assert "edit_success 0.3 -> 0.1" in watch.summary()

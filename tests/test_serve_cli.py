@@ -13,17 +13,12 @@ import pytest
 import ray
 import yaml
 
+from spatialrl.actors.local_cluster import free_port
 from spatialrl.cli import main
 from spatialrl.service.client import ServiceError, SpatialScoreClient
 
 SPATIALRL = str(Path(sys.executable).parent / "spatialrl")
 PROMPT = "a red circle to the left of a blue square"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def outward_address() -> str | None:

@@ -24,6 +24,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
+from spatialrl.actors.local_cluster import free_port
 from spatialrl.actors.service import APP_NAME, GeneratorDeployment, start_service
 from spatialrl.config import PolicyModelConfig, RewardConfig
 from spatialrl.data.grammar import sample_scene, scene_to_prompt
@@ -58,12 +59,6 @@ LIMITS = LimitsConfig(
 )
 TINY_INPUT_PIXELS = 112 * 112  # the tiny Qwen2.5-VL's image processor reads no more
 BATCH_WAIT_S = 0.5  # long enough for concurrent requests to meet in one batch
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png(image: Image.Image | np.ndarray, fmt: str = "PNG") -> bytes:

@@ -11,7 +11,6 @@ import http.client
 import io
 import json
 import os
-import socket
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
+from spatialrl.actors.local_cluster import free_port
 from spatialrl.actors.spatialreward import APP_NAME, start_service
 from spatialrl.cli import main
 from spatialrl.service.config import LimitsConfig, ReplicaConfig
@@ -41,12 +41,6 @@ TOKEN = "test-token-9a7b"
 MAX_BODY_BYTES = 300_000
 REPO = Path(__file__).resolve().parents[1]
 KEYS = 10  # with two replicas, all ten on one replica is a 2 * 2**-10 chance
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png_b64(seed: int, fmt: str = "PNG") -> str:

@@ -78,6 +78,9 @@ class SamplingConfig(Section):
     sde_type: Literal["flow_grpo", "cps"] = "flow_grpo"
     # Steps [start, end) use the SDE (and are trainable); the rest use the ODE. None = all.
     sde_window: Pair[int] | None = None
+    # Edits: resize the source image to the preferred FLUX.1-Kontext resolution, as
+    # FluxKontextPipeline does by default; false keeps its own size (small shapes models).
+    kontext_resolution: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> SamplingConfig:
@@ -137,7 +140,11 @@ class OptimConfig(Section):
 
 
 class PromptsConfig(Section):
-    # "shapes" samples shapes-world prompts; otherwise a parquet file with a `prompt` column.
+    # text_to_image: prompts. edit: (instruction, source image) records, each group G edits
+    # of one source (spatialrl.prompts).
+    task: Literal["text_to_image", "edit"] = "text_to_image"
+    # "shapes" samples the shapes world (prompts, or edits); otherwise a parquet file with a
+    # `prompt` column (text_to_image) or `instruction` and `image_source` columns (edit).
     source: str = "shapes"
     eval_source: str = "shapes"
     prompts_per_iteration: int = Field(4, ge=1)
@@ -176,7 +183,8 @@ class RewardServingConfig(Section):
     custom_resources: dict[str, float] = Field(default_factory=dict)
 
 
-RewardKind = Literal["brightness_left", "shapes_rule", "shapes_soft", "spatialscore"]
+RewardKind = Literal["brightness_left", "shapes_rule", "shapes_soft", "spatialscore",
+                     "spatialreward"]
 
 
 class RewardConfig(Section):
@@ -184,6 +192,12 @@ class RewardConfig(Section):
     # spatialrl.reward_functions).
     kind: Literal[RewardKind, "weighted"] = "spatialscore"
     spatialscore_path: str | None = None
+    # SpatialReward (an edit reward: source, edited image, instruction): a Qwen3-VL folder or
+    # hub id. Answers that do not parse give NaN, and the group is dropped (counted).
+    spatialreward_path: str | None = None
+    # More SpatialRewardConfig fields (spatialrl.spatialreward.model), e.g. {dtype: float32,
+    # constrained: true}.
+    spatialreward_options: dict[str, Any] = Field(default_factory=dict)
     weights: dict[RewardKind, float] = Field(default_factory=dict)
     serving: RewardServingConfig = Field(default_factory=RewardServingConfig)
 
@@ -199,6 +213,22 @@ class RewardConfig(Section):
                 "reward.spatialscore_path: the spatialscore reward needs a checkpoint (--model "
                 "CKPT, or --set reward.spatialscore_path=PATH)"
             )
+        if "spatialreward" in parts:
+            self.spatialreward_config()
+
+    def spatialreward_config(self):
+        """The SpatialRewardConfig the spatialreward reward loads; ConfigError if it has no
+        model or the options are not its fields."""
+        from spatialrl.spatialreward.model import SpatialRewardConfig
+
+        if not self.spatialreward_path:
+            raise ConfigError("reward.spatialreward_path: the spatialreward reward needs a "
+                              "model (--set reward.spatialreward_path=PATH)")
+        try:
+            return SpatialRewardConfig(model=self.spatialreward_path,
+                                       **self.spatialreward_options)
+        except ValidationError as err:
+            raise ConfigError(validation_problems(err, "reward.spatialreward_options.")) from None
 
 
 class MlflowConfig(Section):
@@ -269,6 +299,15 @@ class TrainConfig(Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
+    @model_validator(mode="after")
+    def _check_task(self) -> TrainConfig:
+        reward = self.reward
+        kinds = reward.weights if reward.kind == "weighted" else [reward.kind]
+        if "spatialreward" in kinds and self.prompts.task != "edit":
+            raise ValueError("reward.kind: spatialreward judges edits; it needs prompts.task: "
+                             "edit")
+        return self
+
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
@@ -317,10 +356,13 @@ def validate_config(model: type[Section], tree: dict[str, Any], origin: str) -> 
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"invalid config {origin}: {problems}") from None
+        raise ConfigError(f"invalid config {origin}: {validation_problems(err)}") from None
+
+
+def validation_problems(err: ValidationError, prefix: str = "") -> str:
+    """Each problem as `dotted.key: message`, joined by "; "."""
+    return "; ".join(f"{prefix}{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+                     for e in err.errors())
 
 
 def load_config(

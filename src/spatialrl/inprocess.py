@@ -23,7 +23,8 @@ from spatialrl.flux.lora import add_initial_adapter, save_lora
 from spatialrl.grpo.update import TorchOptimization, grpo_update
 from spatialrl.loop import IterationRollouts, TrainingLoop
 from spatialrl.policy_evaluation import sample_eval_images
-from spatialrl.reward_functions import RewardFn, build_reward
+from spatialrl.prompts import PromptSource, eval_tasks
+from spatialrl.reward_functions import RewardFn, apply_reward, build_reward
 from spatialrl.rollout import sample_groups
 from spatialrl.run_state import prepare_output_dir
 from spatialrl.tracking import Tracker
@@ -71,13 +72,16 @@ class LocalRollouts:
 
     def __init__(self, cfg: TrainConfig, learner: LocalLearner, reward: RewardFn):
         self.cfg, self.learner, self.reward = cfg, learner, reward
+        self.tasks = PromptSource.for_training(cfg.prompts, cfg.seed)
+        self.eval_sources = eval_tasks(cfg.prompts, cfg.seed).condition_images
 
     async def produce(self, iteration: int, prompts: list[tuple[int, str]]) -> IterationRollouts:
         cfg = self.cfg
         start = time.perf_counter()
         groups = sample_groups(
             self.learner.pipeline, [p for _, p in prompts], [i for i, _ in prompts], iteration,
-            self.learner.version, cfg.seed, cfg.grpo.group_size, cfg.sampling)
+            self.learner.version, cfg.seed, cfg.grpo.group_size, cfg.sampling,
+            sources=self.tasks.condition_images([i for i, _ in prompts]))
         sampled = time.perf_counter()
         scored = score_groups(self.reward, groups)
         rollout_s = sampled - start
@@ -87,8 +91,8 @@ class LocalRollouts:
 
     async def evaluate(self, prompts: list[str]):
         images = sample_eval_images(self.learner.pipeline, prompts, self.cfg.sampling,
-                                    self.cfg.seed)
-        return images, self.reward(images, prompts)
+                                    self.cfg.seed, self.eval_sources)
+        return images, apply_reward(self.reward, images, prompts, self.eval_sources)
 
 
 class SharedWeights:

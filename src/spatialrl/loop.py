@@ -31,8 +31,13 @@ import numpy as np
 from spatialrl import storage
 from spatialrl.config import TrainConfig
 from spatialrl.loop_roles import Backend, IterationRollouts
-from spatialrl.policy_evaluation import RewardHackingWatch, eval_metrics, summary_line
-from spatialrl.prompts import PromptSource, eval_prompts
+from spatialrl.policy_evaluation import (
+    RewardHackingWatch,
+    edit_eval_metrics,
+    eval_metrics,
+    summary_line,
+)
+from spatialrl.prompts import PromptSource, eval_tasks
 from spatialrl.recovery import LearnerLost, learn_or_resample, roll_back_to_checkpoint
 from spatialrl.run_state import RunState, checkpoint_name, new_checkpoint_dir, save_run_state
 from spatialrl.staleness import dispatch_horizon, split_by_staleness, staleness
@@ -53,10 +58,10 @@ class TrainingLoop:
         self.cfg, self.backend, self.tracker, self.output_dir = cfg, backend, tracker, output_dir
         self.counters = backend.counters
         self.counters.update(dict.fromkeys(COUNTERS, 0.0))
-        self.prompts = PromptSource(cfg.prompts.source, cfg.seed)
-        self.eval_prompts = eval_prompts(
-            cfg.prompts.eval_source, cfg.prompts.num_eval_prompts, cfg.seed)
-        self.hacking_watch = RewardHackingWatch()
+        self.prompts = PromptSource.for_training(cfg.prompts, cfg.seed)
+        self.eval_tasks = eval_tasks(cfg.prompts, cfg.seed)
+        self.hacking_watch = RewardHackingWatch(
+            "eval/edit_success" if cfg.prompts.task == "edit" else "eval/relation_accuracy")
         self.start_iteration = 0
 
     async def fit(self) -> list[dict[str, float]]:
@@ -170,11 +175,15 @@ class TrainingLoop:
         return metrics, ledger
 
     async def evaluate(self, iteration: int) -> dict[str, float]:
-        """Stage 4: the held-out prompts at the just-broadcast version."""
-        images, scores = await self.backend.rollouts.evaluate(self.eval_prompts)
-        self.tracker.log_eval_images(images, self.eval_prompts, scores.mu.tolist(), iteration)
-        metrics = eval_metrics(images, self.eval_prompts, scores,
-                               shapes_world=self.cfg.prompts.eval_source == "shapes")
+        """Stage 4: the held-out prompts (or edits) at the just-broadcast version."""
+        tasks, shapes_world = self.eval_tasks, self.cfg.prompts.eval_source == "shapes"
+        images, scores = await self.backend.rollouts.evaluate(tasks.prompts)
+        self.tracker.log_eval_images(images, tasks.prompts, scores.mu.tolist(), iteration,
+                                     tasks.condition_images)
+        if self.cfg.prompts.task == "edit":
+            metrics = edit_eval_metrics(images, scores, tasks.edit_examples)
+        else:
+            metrics = eval_metrics(images, tasks.prompts, scores, shapes_world)
         return metrics | self.hacking_watch.update(metrics, iteration)
 
     def checkpoint(self, iteration: int) -> str:

@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def sample_eval_images(
-    pipeline, prompts: list[str], cfg: SamplingConfig, seed: int
+    pipeline, prompts: list[str], cfg: SamplingConfig, seed: int,
+    sources: list[Image.Image] | None = None,
 ) -> list[Image.Image]:
-    """ODE samples with fixed seeds (iteration -1), so evaluations at different versions see
-    the same noise."""
+    """ODE samples (edits of `sources`, if given) with fixed seeds (iteration -1), so
+    evaluations at different versions see the same noise."""
     seeds = [rollout_seed(seed, -1, p, 0) for p in prompts]
     images = []
     for start in range(0, len(prompts), cfg.batch_size):
@@ -33,6 +34,8 @@ def sample_eval_images(
         _, batch = sample(
             pipeline, prompts[start:end], seeds[start:end], cfg,
             noise_level=0.0, num_steps=cfg.eval_num_steps,
+            condition_images=None if sources is None else sources[start:end],
+            kontext_resolution=cfg.kontext_resolution,
         )
         images.extend(batch)
     return images
@@ -56,6 +59,24 @@ def eval_metrics(
     return metrics
 
 
+def edit_eval_metrics(images: list[Image.Image], scores: RewardOutput,
+                      examples: list | None) -> dict[str, float]:
+    """Held-out edits: the reward's mean over the answers that parsed and their share and,
+    for shapes-world edits (`examples`, their ground truth), the rule evaluator's edit success
+    (every edit of the instruction made) and the fraction of edits made."""
+    mu = scores.mu.numpy()
+    valid = np.isfinite(mu)
+    metrics = {"eval/reward_mean": float(mu[valid].mean()) if valid.any() else float("nan"),
+               "eval/reward_valid_fraction": float(valid.mean())}
+    if examples is not None:
+        done = [example.edits_done(image) for example, image in zip(examples, images, strict=True)]
+        success = np.array([all(d) for d in done], dtype=float)
+        metrics["eval/edit_success"] = float(success.mean())
+        metrics["eval/edit_success_se"] = float(success.std() / np.sqrt(len(success)))
+        metrics["eval/edits_done"] = float(np.mean([x for d in done for x in d]))
+    return metrics
+
+
 def pairwise_agreement(reward: np.ndarray, rule_accuracy: np.ndarray) -> float:
     """Of the image pairs the rule evaluator tells apart, the fraction the reward orders the
     same way (a reward tie counts one half): 1 agrees fully, 0.5 is chance. NaN when the rule
@@ -70,42 +91,43 @@ def pairwise_agreement(reward: np.ndarray, rule_accuracy: np.ndarray) -> float:
 
 # The held-out figures a run's last line compares, first evaluation against last.
 SUMMARY_FIGURES = ("eval/relation_accuracy", "eval/all_relations_correct",
-                   "eval/readable_objects", "eval/reward_mean")
+                   "eval/readable_objects", "eval/edit_success", "eval/edits_done",
+                   "eval/reward_mean")
 
 
 class RewardHackingWatch:
-    """Flags the reward rising while the rule evaluator's accuracy falls.
+    """Flags the reward rising while the rule evaluator's figure falls.
 
-    Each evaluation is compared with the one where rule accuracy peaked: a higher reward mean
-    with an accuracy lower by more than two standard errors of the difference is suspected
-    hacking. Shapes-world evaluations only (they carry eval/relation_accuracy)."""
+    Each evaluation is compared with the one where the rule figure peaked: a higher reward
+    mean with a figure lower by more than two standard errors of the difference is suspected
+    hacking. Shapes-world evaluations only (they carry the figure and its standard error):
+    eval/relation_accuracy for text-to-image, eval/edit_success for edits."""
 
-    def __init__(self) -> None:
+    def __init__(self, rule_figure: str = "eval/relation_accuracy") -> None:
+        self.rule_figure = rule_figure
         self.peak: dict[str, float] | None = None
         self.first: dict[str, float] | None = None
         self.last: dict[str, float] | None = None
         self.suspected_at: list[int] = []
 
     def update(self, metrics: dict[str, float], iteration: int) -> dict[str, float]:
-        if "eval/relation_accuracy" not in metrics:
+        rule, se = self.rule_figure, f"{self.rule_figure}_se"
+        if rule not in metrics:
             return {}
-        now = {k: metrics[k] for k in (*SUMMARY_FIGURES, "eval/relation_accuracy_se")
-               if k in metrics}
+        now = {k: metrics[k] for k in (*SUMMARY_FIGURES, se) if k in metrics}
         self.first = self.first or now
         self.last = now
-        accuracy = now["eval/relation_accuracy"]
-        if self.peak is None or accuracy >= self.peak["eval/relation_accuracy"]:
+        if self.peak is None or now[rule] >= self.peak[rule]:
             self.peak = now
-        margin = 2 * np.hypot(now["eval/relation_accuracy_se"],
-                              self.peak["eval/relation_accuracy_se"])
+        margin = 2 * np.hypot(now[se], self.peak[se])
         suspected = (now["eval/reward_mean"] > self.peak["eval/reward_mean"]
-                     and accuracy < self.peak["eval/relation_accuracy"] - margin)
+                     and now[rule] < self.peak[rule] - margin)
         if suspected:
             self.suspected_at.append(iteration)
-            log.warning("iteration %d: the reward rose (%.4g -> %.4g) while held-out rule "
-                        "accuracy fell (%.3f -> %.3f) since its peak: possible reward hacking",
+            log.warning("iteration %d: the reward rose (%.4g -> %.4g) while held-out %s fell "
+                        "(%.3f -> %.3f) since its peak: possible reward hacking",
                         iteration + 1, self.peak["eval/reward_mean"], now["eval/reward_mean"],
-                        self.peak["eval/relation_accuracy"], now["eval/relation_accuracy"])
+                        rule.removeprefix("eval/"), self.peak[rule], now[rule])
         return {"eval/reward_hacking_suspected": float(suspected)}
 
     def tags(self) -> dict[str, str]:

@@ -1,13 +1,17 @@
-"""Pluggable reward functions: images + prompts -> (mu, sigma).
+"""Pluggable reward functions: images + prompts (+ the source images of edits) -> (mu, sigma).
 
 Every reward answers with a mean and an uncertainty so that the trainer logs one record
-shape. Deterministic rewards report sigma = 0.
+shape. Deterministic rewards report sigma = 0. For edits the prompt is the instruction;
+rewards of the image alone ignore the sources, SpatialReward judges the pair.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,7 +26,19 @@ class RewardOutput:
     sigma: torch.Tensor  # [N] float32
 
 
-RewardFn = Callable[[list[Image.Image], list[str]], RewardOutput]
+log = logging.getLogger(__name__)
+
+
+class RewardFn(Protocol):
+    def __call__(self, images: list[Image.Image], prompts: list[str],
+                 sources: list[Image.Image] | None = None) -> RewardOutput: ...
+
+
+def apply_reward(reward: RewardFn, images: list[Image.Image], prompts: list[str],
+                 sources: list[Image.Image] | None = None) -> RewardOutput:
+    """The reward of `images` (edits of `sources`, if given). Text-to-image images are scored
+    as reward(images, prompts), so a reward function of two arguments still serves them."""
+    return reward(images, prompts) if sources is None else reward(images, prompts, sources)
 
 
 def deterministic(values: list[float]) -> RewardOutput:
@@ -30,7 +46,8 @@ def deterministic(values: list[float]) -> RewardOutput:
     return RewardOutput(mu=mu, sigma=torch.zeros_like(mu))
 
 
-def brightness_left(images: list[Image.Image], prompts: list[str]) -> RewardOutput:
+def brightness_left(images: list[Image.Image], prompts: list[str],
+                    sources: list[Image.Image] | None = None) -> RewardOutput:
     """Mean brightness of the left half, in [0, 1]: a pixel reward for checking that GRPO
     learns at all, independent of any prompt or learned model."""
     values = []
@@ -40,14 +57,16 @@ def brightness_left(images: list[Image.Image], prompts: list[str]) -> RewardOutp
     return deterministic(values)
 
 
-def shapes_rule(images: list[Image.Image], prompts: list[str]) -> RewardOutput:
+def shapes_rule(images: list[Image.Image], prompts: list[str],
+                sources: list[Image.Image] | None = None) -> RewardOutput:
     """Fraction of the prompt's relations that the shapes-world evaluator reads back."""
     from spatialrl.data.rule_evaluator import relation_accuracy
 
     return deterministic([relation_accuracy(im, p) for im, p in zip(images, prompts, strict=True)])
 
 
-def shapes_soft(images: list[Image.Image], prompts: list[str]) -> RewardOutput:
+def shapes_soft(images: list[Image.Image], prompts: list[str],
+                sources: list[Image.Image] | None = None) -> RewardOutput:
     """The dense centroid-order score of the shapes world (see soft_relation_score)."""
     from spatialrl.data.rule_evaluator import soft_relation_score
 
@@ -60,9 +79,33 @@ def spatialscore(path: str, device: str = "cpu") -> RewardFn:
 
     model = SpatialScore.from_pretrained(path).to(device).eval()
 
-    def score(images: list[Image.Image], prompts: list[str]) -> RewardOutput:
+    def score(images: list[Image.Image], prompts: list[str],
+              sources: list[Image.Image] | None = None) -> RewardOutput:
         out = model.score(images, prompts)
         return RewardOutput(mu=out.mu.float().cpu(), sigma=out.sigma.float().cpu())
+
+    return score
+
+
+def spatialreward(cfg: RewardConfig, device: str = "cpu") -> RewardFn:
+    """SpatialReward's scalar reward of each (source, edit, instruction). An edit whose
+    answers do not parse scores NaN, never a default: the loop drops its group and counts it
+    (filter/dropped_nonfinite_groups); the reasons are logged here."""
+    from spatialrl.spatialreward.model import SpatialReward
+    from spatialrl.spatialreward.reward import invalid_counts
+
+    judge = SpatialReward.from_config(cfg.spatialreward_config())
+    judge.model.to(device)
+
+    def score(images: list[Image.Image], prompts: list[str],
+              sources: list[Image.Image] | None = None) -> RewardOutput:
+        if sources is None:
+            raise ValueError("the spatialreward reward judges edits: it needs source images")
+        results = judge.score(sources, images, prompts)
+        if invalid := invalid_counts(results):
+            log.warning("spatialreward: %d of %d answers invalid (%s)", invalid.total(),
+                        len(results), dict(invalid))
+        return deterministic([r.reward if r.valid else float("nan") for r in results])
 
     return score
 
@@ -70,8 +113,9 @@ def spatialscore(path: str, device: str = "cpu") -> RewardFn:
 def weighted_sum(parts: dict[str, tuple[float, RewardFn]]) -> RewardFn:
     """sum_i w_i * r_i; sigmas combine as independent: sqrt(sum_i w_i^2 sigma_i^2)."""
 
-    def score(images: list[Image.Image], prompts: list[str]) -> RewardOutput:
-        outputs = [(w, fn(images, prompts)) for w, fn in parts.values()]
+    def score(images: list[Image.Image], prompts: list[str],
+              sources: list[Image.Image] | None = None) -> RewardOutput:
+        outputs = [(w, fn(images, prompts, sources)) for w, fn in parts.values()]
         mu = sum(w * out.mu for w, out in outputs)
         sigma = torch.sqrt(sum((w * out.sigma) ** 2 for w, out in outputs))
         return RewardOutput(mu=mu, sigma=sigma)
@@ -111,6 +155,8 @@ def reward_input_pixels(cfg: RewardConfig) -> int | None:
 
 
 def _single_version(kind: str, cfg: RewardConfig) -> str:
+    if kind == "spatialreward":
+        return _spatialreward_version(cfg)
     if kind != "spatialscore":
         return kind
     from spatialrl.model_checksum import files_checksum
@@ -121,6 +167,20 @@ def _single_version(kind: str, cfg: RewardConfig) -> str:
     return f"spatialscore@{files_checksum(files)}"
 
 
+def _spatialreward_version(cfg: RewardConfig) -> str:
+    """A local model by the checksum of its weights and configs, a hub model by its id; with
+    the options that change answers."""
+    from spatialrl.model_checksum import files_checksum
+
+    folder = Path(cfg.spatialreward_path)
+    if folder.is_dir():
+        model = files_checksum(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json"))
+    else:
+        model = cfg.spatialreward_path
+    options = json.dumps(cfg.spatialreward_options, sort_keys=True)
+    return f"spatialreward@{model}{options if cfg.spatialreward_options else ''}"
+
+
 def _single(kind: str, cfg: RewardConfig, device: str) -> RewardFn:
     if kind == "brightness_left":
         return brightness_left
@@ -128,4 +188,6 @@ def _single(kind: str, cfg: RewardConfig, device: str) -> RewardFn:
         return shapes_rule
     if kind == "shapes_soft":
         return shapes_soft
+    if kind == "spatialreward":
+        return spatialreward(cfg, device)
     return spatialscore(cfg.spatialscore_path, device)  # the config allows no other kind

@@ -24,7 +24,8 @@ def rollout_seed(run_seed: int, iteration: int, prompt: str, sample_index: int) 
 
 @dataclass
 class RolloutGroup:
-    """G samples of one prompt, tagged with the policy version that made them."""
+    """G samples of one prompt (or G edits of one source), tagged with the policy version
+    that made them."""
 
     prompt: str
     group_id: int
@@ -32,6 +33,7 @@ class RolloutGroup:
     version: int
     trajectory: Trajectory
     images: list[Image.Image]
+    source: Image.Image | None = None  # the image the group edits; None: text-to-image
 
 
 def sample_groups(
@@ -44,13 +46,16 @@ def sample_groups(
     group_size: int,
     cfg: SamplingConfig,
     prompt_cache: PromptEmbeddingCache | None = None,
+    sources: list[Image.Image] | None = None,
 ) -> list[RolloutGroup]:
-    """Sample `group_size` trajectories for each prompt, `cfg.batch_size` images at a time.
+    """Sample `group_size` trajectories for each prompt, `cfg.batch_size` images at a time;
+    with `sources` (one per prompt), `group_size` edits of each source.
 
     Each prompt is encoded once, however many batches its group spans; a caller that keeps
     `prompt_cache` across iterations encodes a recurring prompt only once in all."""
     prompt_cache = PromptEmbeddingCache() if prompt_cache is None else prompt_cache
     flat_prompts = [p for p in prompts for _ in range(group_size)]
+    flat_sources = None if sources is None else [s for s in sources for _ in range(group_size)]
     seeds = [
         rollout_seed(run_seed, iteration, p, i) for p in prompts for i in range(group_size)
     ]
@@ -58,7 +63,9 @@ def sample_groups(
     for start in range(0, len(flat_prompts), cfg.batch_size):
         end = start + cfg.batch_size
         trajectory, batch_images = sample(
-            pipeline, flat_prompts[start:end], seeds[start:end], cfg, prompt_cache=prompt_cache
+            pipeline, flat_prompts[start:end], seeds[start:end], cfg, prompt_cache=prompt_cache,
+            condition_images=None if flat_sources is None else flat_sources[start:end],
+            kontext_resolution=cfg.kontext_resolution,
         )
         parts.append(trajectory)
         images.extend(batch_images)
@@ -74,6 +81,7 @@ def sample_groups(
                 version=version,
                 trajectory=everything.select(members),
                 images=images[n * group_size : (n + 1) * group_size],
+                source=None if sources is None else sources[n],
             )
         )
     return groups

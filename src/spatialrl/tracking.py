@@ -158,9 +158,13 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
     def log_eval_images(self, images: Sequence[Image.Image], prompts: Sequence[str],
-                        rewards: Sequence[float], step: int) -> None:
+                        rewards: Sequence[float], step: int,
+                        sources: Sequence[Image.Image] | None = None) -> None:
         """The evaluation's samples as one image of `step` (the UI's image slider steps
-        through them), each with its reward and prompt written beside it."""
+        through them), each with its reward and prompt written beside it; edits as source |
+        edit, with the instruction beside."""
+        if sources is not None:
+            images = [side_by_side(s, im) for s, im in zip(sources, images, strict=True)]
         captions = [f"reward {r:.3f}\n{p}" for p, r in zip(prompts, rewards, strict=True)]
         self.log_image_grid(images, captions, EVAL_IMAGE_KEY, step)
         self.log_text("\n".join(prompts) + "\n", "eval/prompts.txt")  # the same at every step
@@ -204,16 +208,26 @@ def captioned_grid(images: Sequence[Image.Image], captions: Sequence[str], colum
     return make_image_grid(cells + [blank] * (rows * columns - len(cells)), rows, columns)
 
 
+def side_by_side(source: Image.Image, edit: Image.Image) -> Image.Image:
+    """source | edit, the source at the edit's size."""
+    pair = Image.new("RGB", (2 * edit.width, edit.height), "white")
+    pair.paste(source.convert("RGB").resize(edit.size), (0, 0))
+    pair.paste(edit.convert("RGB"), (edit.width, 0))
+    return pair
+
+
 def _captioned(image: Image.Image, caption: str) -> Image.Image:
-    small = image.width < CELL_PX  # tiny images: keep pixels sharp rather than blur them
+    """The image CELL_PX high (its aspect kept), its caption to its right."""
+    small = image.height < CELL_PX  # tiny images: keep pixels sharp rather than blur them
+    width = round(image.width * CELL_PX / image.height)
     scaled = image.convert("RGB").resize(
-        (CELL_PX, CELL_PX), Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS)
-    cell = Image.new("RGB", (CELL_PX + CAPTION_PX, CELL_PX), "white")
+        (width, CELL_PX), Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS)
+    cell = Image.new("RGB", (width + CAPTION_PX, CELL_PX), "white")
     cell.paste(scaled, (0, 0))
     font = ImageFont.load_default(size=FONT_PX)
     lines = [line for paragraph in caption.split("\n")
              for line in _wrap(paragraph, font, CAPTION_PX - 12)]
-    ImageDraw.Draw(cell).multiline_text((CELL_PX + 6, 4), "\n".join(lines), fill="black",
+    ImageDraw.Draw(cell).multiline_text((width + 6, 4), "\n".join(lines), fill="black",
                                         font=font)
     return cell
 

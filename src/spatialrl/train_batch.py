@@ -16,7 +16,7 @@ from spatialrl import storage
 from spatialrl.config import GRPOConfig, TrainConfig
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.grpo.advantages import compute_advantages
-from spatialrl.reward_functions import RewardFn
+from spatialrl.reward_functions import RewardFn, apply_reward
 from spatialrl.rollout import RolloutGroup
 from spatialrl.run_state import LEDGER_FOLDER
 
@@ -71,7 +71,9 @@ def gather_trajectory(samples: list[tuple[Any, int]], resolve: Callable[[Any], T
 def score_groups(reward: RewardFn, groups: list[RolloutGroup]) -> list[ScoredGroup]:
     images = [im for g in groups for im in g.images]
     prompts = [g.prompt for g in groups for _ in g.images]
-    out = reward(images, prompts)
+    edits = groups[0].source is not None
+    sources = [g.source for g in groups for _ in g.images] if edits else None
+    out = apply_reward(reward, images, prompts, sources)
     scored, start = [], 0
     for g in groups:
         end = start + len(g.images)

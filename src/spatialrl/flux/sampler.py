@@ -126,6 +126,11 @@ class Trajectory:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Trajectory:
         fields = {name: json.loads(metadata[name]) for name in SHARED_METADATA + ("prompts",)}
+        if "condition_latents" not in tensors:  # saved before edits: text-to-image samples
+            states = tensors["states"]
+            empty = no_condition(states.shape[0], states.shape[-1], states.dtype, states.device)
+            tensors = {**tensors, "condition_latents": empty.latents,
+                       "condition_image_ids": empty.image_ids}
         return cls(**tensors, **fields)
 
     def save(self, path: str | Path) -> None:

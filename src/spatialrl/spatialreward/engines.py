@@ -36,7 +36,7 @@ from spatialrl.spatialreward.model import (
     SpatialRewardConfig,
     results_of,
 )
-from spatialrl.spatialreward.prompts import edit_prompt, quality_prompt
+from spatialrl.spatialreward.prompts import edit_turn, quality_turn
 from spatialrl.spatialreward.reward import SpatialRewardResult
 
 EngineKind = Literal["transformers", "vllm"]
@@ -167,8 +167,7 @@ class TransformersEngine:
         score_range = self.judge.config.score_range
         texts = [
             self.judge.encoder._chat_text(
-                [{"type": "image"}, {"type": "image"},
-                 {"type": "text", "text": edit_prompt(item.instruction, score_range)}],
+                edit_turn(item.instruction, score_range),
                 [prefix.image_tokens, tokens],
             )
             for item, prefix, tokens in zip(items, prefixes, edited_tokens, strict=True)
@@ -218,20 +217,20 @@ class VllmEngine:
 
     def score(self, items: Sequence[EditItem]) -> list[ScoredEdit]:
         edit_prompts = [self._prompt([item.source, item.edited],
-                                     edit_prompt(item.instruction, self.config.score_range))
+                                     edit_turn(item.instruction, self.config.score_range))
                         for item in items]
-        quality_text = quality_prompt(self.config.score_range)
-        quality_prompts = [self._prompt([item.edited], quality_text) for item in items]
+        quality = quality_turn(self.config.score_range)
+        quality_prompts = [self._prompt([item.edited], quality) for item in items]
         outputs = self._llm.generate(edit_prompts + quality_prompts, self._sampling)
         texts = [output.outputs[0].text for output in outputs]
         results = results_of(texts[:len(items)], texts[len(items):], self.config)
         return [ScoredEdit(result, prefix_hit=False) for result in results]
 
-    def _prompt(self, images: list[Image.Image], text: str) -> dict:
-        """vLLM's multimodal prompt: the chat text with one image placeholder per image."""
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    def _prompt(self, images: list[Image.Image], turn: list[dict]) -> dict:
+        """vLLM's multimodal prompt: the chat text of the user turn `turn`, whose image parts
+        `images` fill."""
         chat = self._tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+            [{"role": "user", "content": turn}], tokenize=False, add_generation_prompt=True)
         return {"prompt": chat, "multi_modal_data": {"image": images}}
 
 

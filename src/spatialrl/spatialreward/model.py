@@ -29,7 +29,7 @@ from spatialrl.spatialreward.answers import (
     QualityAnswer,
     parse_answer,
 )
-from spatialrl.spatialreward.prompts import DEFAULT_SCORE_RANGE, edit_prompt, quality_prompt
+from spatialrl.spatialreward.prompts import DEFAULT_SCORE_RANGE, edit_turn, quality_turn
 from spatialrl.spatialreward.reward import RewardWeights, SpatialRewardResult, combine
 
 PUBLISHED_MODEL = "SpatialReward/SpatialReward-8B"
@@ -81,18 +81,13 @@ class SpatialReward:
     ) -> list[str]:
         """The raw edit answers, one per (source, edited image, instruction)."""
         self.encoder.check_inputs(instructions, sources=sources, edits=edits)
-        contents = [
-            [{"type": "image"}, {"type": "image"},
-             {"type": "text", "text": edit_prompt(instruction, self.config.score_range)}]
-            for instruction in instructions
-        ]
+        contents = [edit_turn(instruction, self.config.score_range) for instruction in instructions]
         return self._generate(contents, list(zip(sources, edits, strict=True)), EditAnswer)
 
     def judge_quality(self, edits: Sequence[Image.Image]) -> list[str]:
         """The raw quality answers, one per edited image."""
         self.encoder.check_inputs(["quality"] * len(edits), edits=edits)
-        text = quality_prompt(self.config.score_range)
-        contents = [[{"type": "image"}, {"type": "text", "text": text}] for _ in edits]
+        contents = [quality_turn(self.config.score_range) for _ in edits]
         return self._generate(contents, [[edit] for edit in edits], QualityAnswer)
 
     def score(

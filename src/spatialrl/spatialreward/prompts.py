@@ -57,3 +57,15 @@ def edit_prompt(instruction: str, score_range: int = DEFAULT_SCORE_RANGE) -> str
 def quality_prompt(score_range: int = DEFAULT_SCORE_RANGE) -> str:
     """The text that follows the edited image."""
     return QUALITY_TEMPLATE.format(score_range=score_range)
+
+
+def edit_turn(instruction: str, score_range: int = DEFAULT_SCORE_RANGE) -> list[dict]:
+    """The content parts of the edit judgement's user turn: the source image, the edited
+    image, then the prompt. Every engine and the SFT data build the turn here."""
+    return [{"type": "image"}, {"type": "image"},
+            {"type": "text", "text": edit_prompt(instruction, score_range)}]
+
+
+def quality_turn(score_range: int = DEFAULT_SCORE_RANGE) -> list[dict]:
+    """The content parts of the quality judgement's user turn: the edited image, the prompt."""
+    return [{"type": "image"}, {"type": "text", "text": quality_prompt(score_range)}]

@@ -37,7 +37,7 @@ from spatialrl.reward.model import lora_config
 from spatialrl.reward.train_task import TaskData
 from spatialrl.spatialreward.edit_examples import EditRow, read_edit_rows
 from spatialrl.spatialreward.model import SpatialReward, SpatialRewardConfig
-from spatialrl.spatialreward.prompts import edit_prompt, quality_prompt
+from spatialrl.spatialreward.prompts import edit_turn, quality_turn
 from spatialrl.spatialreward.train_config import SftModelConfig, SpatialRewardTrainConfig
 
 TURN_END = "<|im_end|>"  # how Qwen chat templates close the assistant turn
@@ -57,10 +57,8 @@ class SftSample:
         """The user turn's content parts and the images that fill them, as the judge asks."""
         edited = decode_image(self.row.image_edited)
         if self.judgement == "quality":
-            return [{"type": "image"}, {"type": "text", "text": quality_prompt(score_range)}], \
-                [edited]
-        prompt = edit_prompt(self.row.instruction, score_range)
-        return [{"type": "image"}, {"type": "image"}, {"type": "text", "text": prompt}], \
+            return quality_turn(score_range), [edited]
+        return edit_turn(self.row.instruction, score_range), \
             [decode_image(self.row.image_source), edited]
 
 
