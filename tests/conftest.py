@@ -79,21 +79,24 @@ def _random_lora(model: Path, out: Path, scale: float) -> Path:
     return save_lora(pipeline, out)
 
 
-# Run first, in a fresh worker process: these tests failed every time (two runs, all five, the
-# learner actors cancelled before they started) when their pytest-xdist worker had run other
-# Ray test files before them, and passed when they ran first; the cause is not found yet.
-FIRST_FILES = ("test_autoscaling_cluster.py",)
+# The longest files, started first (in this order) so that no long file starts last: the
+# autoscaling cluster's also in a fresh worker process, since its tests failed every time
+# (two runs, all five, the learner actors cancelled before they started) when their
+# pytest-xdist worker had run other Ray test files before them; the cause is not found yet.
+FIRST_FILES = ("test_autoscaling_cluster.py", "test_ray_trainer.py", "test_reward_training.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first (FIRST_FILES first of all), the rest after, each file's
+    """FIRST_FILES first, then the other files with slow tests, then the rest, each file's
     tests in their own order. `make test` runs files whole on pytest-xdist workers in this
     order (--no-loadscope-reorder): the long files start at once and short ones fill the end."""
     slow_files = {item.path.name for item in items if item.get_closest_marker("slow")}
 
     def rank(item) -> int:
         name = item.path.name
-        return 0 if name in FIRST_FILES else 1 if name in slow_files else 2
+        if name in FIRST_FILES:
+            return FIRST_FILES.index(name)
+        return len(FIRST_FILES) + (0 if name in slow_files else 1)
 
     items.sort(key=rank)  # stable: files keep their order within a rank
 

@@ -71,7 +71,8 @@ def test_samples_lost_with_their_node_before_learning_are_sampled_again(
     assert record["node_types_launched"] == {"rollout": 2, "reward": 1, "learner": 1}
     assert record["iterations"] == 3 and record["final_version"] == 3.0
     faults = record["faults_logged"]
-    assert faults["faults/resampled_iterations"] == 1
+    # The next iteration's rollouts may have been on the killed node too (max_staleness 1).
+    assert faults["faults/resampled_iterations"] in (1, 2)
     assert faults["faults/redone_groups"] >= rehearsal.PROMPTS_PER_ITERATION  # the lost ones
     assert faults.get("faults/learner_restarts", 0) == 0
     assert_nothing_lost(record)
