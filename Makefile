@@ -17,13 +17,12 @@ tiny-models: install
 train-local: install
 	$(BIN)/spatialrl train --config configs/local.yaml --set output_dir=$(RUN_DIR)
 
-# PYTEST_WORKERS=2 runs test files on two pytest-xdist workers, each file whole on one worker
-# (its module fixtures built once), slow files first (tests/conftest.py): 19-20 min of pytest
-# instead of 27.5 on 2 cores. Off for `make test` (and CI) for now: two Ray instances on one
-# machine confuse Ray parts that look for "the" cluster themselves (Ray Train's placement-group
-# cleaner failed with "Found multiple active Ray instances"), and each of two parallel
-# clean-clone runs had a Ray test fail. The fast tier starts no Ray and always runs parallel.
-PYTEST_WORKERS ?= 0
+# The test files run on two pytest-xdist workers, each file whole on one worker (its module
+# fixtures built once), the longest files first (tests/conftest.py). The Ray tests mostly wait,
+# so two workers share the two cores well. Each test Ray instance is a LocalRayHead of its
+# own (actors/local_cluster.py), so the two workers' clusters never meet. PYTEST_WORKERS=0
+# runs everything in one process.
+PYTEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q
 XDIST = -n $(1) --dist loadfile --no-loadscope-reorder
 

@@ -23,14 +23,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import ray
 from mlflow.tracking import MlflowClient
-from ray import serve
 
 from spatialrl import storage
-from spatialrl.actors.local_cluster import LocalAutoscalingCluster
+from spatialrl.actors.local_cluster import LocalAutoscalingCluster, connected
 from spatialrl.config import TrainConfig, load_config
 from spatialrl.learners.ray_backend import RayTrainer
 from spatialrl.tracking import Tracker
@@ -65,25 +65,9 @@ def trainer_config(tiny_flux: Path, workdir: Path, *extra: str) -> TrainConfig:
     ])
 
 
-def start_cluster() -> LocalAutoscalingCluster:
+def autoscaling_cluster() -> AbstractContextManager[LocalAutoscalingCluster]:
     """The head node alone, connected; the autoscaler adds the role nodes on demand."""
-    cluster = LocalAutoscalingCluster(NODE_TYPES)
-    try:
-        cluster.start()
-        cluster.connect()
-    except BaseException:
-        stop_cluster(cluster)
-        raise
-    return cluster
-
-
-def stop_cluster(cluster: LocalAutoscalingCluster) -> None:
-    try:
-        if ray.is_initialized():
-            serve.shutdown()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    return connected(LocalAutoscalingCluster(NODE_TYPES))
 
 
 def run_with_fault(cluster: LocalAutoscalingCluster, cfg: TrainConfig, fault) -> dict:

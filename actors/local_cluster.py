@@ -1,14 +1,24 @@
-"""A local autoscaling Ray cluster: a head node plus worker node types that Ray's autoscaler
-starts and stops on demand as raylet processes on this machine (Ray's fake multi-node
-provider). It rehearses on one machine what a cloud cluster does with the trainer: waiting
-placement groups make the autoscaler add nodes of the types that offer their resources, idle
-nodes are removed, and a node can be killed to see what the run loses.
+"""Ray instances of their own on this machine, for tests, benchmarks and rehearsals.
 
-Unlike ray.cluster_utils.AutoscalingCluster this never runs `ray stop` (which stops every Ray
-instance on the machine, other users' too) and needs no example.yaml from Ray's source tree
-(the wheel does not ship it): the cluster lives in its own temp dir, every process it starts
-names that dir on its command line, and shutdown() ends exactly those. Nodes bind this
-machine's address, as a local `ray.init()` does.
+LocalRayHead is a one-node cluster started with `ray start --head`. LocalAutoscalingCluster
+adds worker node types that Ray's autoscaler starts and stops on demand as raylet processes on
+this machine (Ray's fake multi-node provider). It rehearses on one machine what a cloud cluster
+does with the trainer: waiting placement groups make the autoscaler add nodes of the types that
+offer their resources, idle nodes are removed, and a node can be killed to see what the run
+loses.
+
+Several instances may run at once (parallel test workers, a job-submit cluster beside them)
+without meeting:
+- each lives in its own temp dir, and every process it starts names that dir on its command
+  line, so shutdown() ends exactly those (`ray stop` would end every Ray instance on the
+  machine, other users' too);
+- everything it listens on gets a free port, where Ray's defaults are fixed (the dashboard
+  agent, the client server) and the second instance's agents would fail to bind;
+- RAY_ADDRESS is set in all its processes, so Ray libraries that look for "the" cluster
+  themselves (Ray Train's placement-group cleaner, the state API) find this one and not
+  "multiple active Ray instances".
+Unlike ray.cluster_utils.AutoscalingCluster, it needs no example.yaml from Ray's source tree
+(the wheel does not ship it).
 """
 
 from __future__ import annotations
@@ -17,22 +27,25 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
 import ray
+from ray import serve
 from ray.autoscaler.v2.sdk import get_cluster_status
+
+from spatialrl.ports import free_port
 
 HEAD_NODE_TYPE = "ray.head.default"  # the fake provider's name for the head
 NODE_TYPE_LABEL = "node-type"  # the label each worker node carries: its node type's name
+RAY_CLI = Path(sys.executable).parent / "ray"
 
 
 def processes_naming(temp_dir: str) -> list[psutil.Process]:
@@ -59,11 +72,109 @@ def end_processes_naming(temp_dir: str) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on at `host` now ("" for every interface)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+class LocalRayHead:
+    """A head node of its own (see the module docstring). `env` is added to its processes'
+    environment; `extra_args` to `ray start`. With `dashboard`, the dashboard (and with it
+    the job API) listens on `dashboard_address`."""
+
+    def __init__(self, num_cpus: float = 2, resources: dict[str, float] | None = None,
+                 system_config: dict | None = None, host: str | None = None,
+                 dashboard: bool = False, env: dict[str, str] | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        self.num_cpus = num_cpus
+        self.resources = resources or {}
+        self.system_config = system_config or {}
+        self.host = host
+        self.dashboard = dashboard
+        self.extra_env = env or {}
+        self.extra_args = extra_args
+        self.temp_dir: str | None = None
+        self.address: str | None = None
+        self.dashboard_address: str | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of its processes: connect a subprocess to it with this."""
+        # A throwaway cluster of this machine: no token auth (Ray's default for `ray start`)
+        # unless `env` asks for it, since a driver must have the token mode set before it
+        # imports Ray.
+        return {**os.environ, "RAY_AUTH_MODE": "disabled", **self.extra_env,
+                "RAY_ADDRESS": self.address or ""}
+
+    def start(self) -> str:
+        """Start the head; returns the GCS address to ray.init()."""
+        # Short: Unix socket paths under it must stay below 108 characters.
+        self.temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
+        host = self.host or ray.util.get_node_ip_address()
+        port = free_port(host)
+        self.address = f"{host}:{port}"
+        started = subprocess.run(
+            [str(RAY_CLI), "start", "--head", f"--port={port}", f"--node-ip-address={host}",
+             f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}",
+             f"--resources={json.dumps(self.resources)}",
+             f"--system-config={json.dumps(self.system_config)}", "--disable-usage-stats",
+             *self._port_args(host), *self._dashboard_args(host), *self.extra_args,
+             *self.start_args()],
+            env=self.env, capture_output=True, text=True, timeout=180,
+        )
+        if started.returncode != 0:
+            raise RuntimeError(f"ray start --head failed ({started.returncode}): "
+                               f"{(started.stdout + started.stderr)[-3000:]}")
+        return self.address
+
+    def start_args(self) -> list[str]:
+        """More `ray start` arguments, once temp_dir and address are known (for subclasses)."""
+        return []
+
+    @staticmethod
+    def _port_args(host: str) -> list[str]:
+        # Workers bind random ports (0): the default range is shared by every instance.
+        return [f"--{name}={free_port(host)}" for name in (
+            "node-manager-port", "object-manager-port", "ray-client-server-port",
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "runtime-env-agent-port", "metrics-export-port",
+        )] + ["--min-worker-port=0", "--max-worker-port=0"]
+
+    def _dashboard_args(self, host: str) -> list[str]:
+        if not self.dashboard:
+            return ["--include-dashboard=false"]
+        port = free_port(host)
+        self.dashboard_address = f"http://{host}:{port}"
+        return ["--include-dashboard=true", f"--dashboard-host={host}",
+                f"--dashboard-port={port}"]
+
+    def connect(self) -> None:
+        ray.init(address=self.address, log_to_driver=False)
+
+    def shutdown(self) -> None:
+        """End this instance's processes (the driver must have called ray.shutdown())."""
+        if self.temp_dir is None:
+            return
+        end_processes_naming(self.temp_dir)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.temp_dir = None
+
+
+@contextmanager
+def connected(head: LocalRayHead) -> Iterator[LocalRayHead]:
+    """Start `head` and connect this process to it, with RAY_ADDRESS set here too for as long
+    as it lasts; afterwards Serve, the connection and the instance are gone."""
+    previous = os.environ.get("RAY_ADDRESS")
+    try:
+        os.environ["RAY_ADDRESS"] = head.start()
+        head.connect()
+        yield head
+    finally:
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            head.shutdown()
+            if previous is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = previous
 
 
 def autoscaling_config(worker_node_types: dict[str, dict], gcs_address: str,
@@ -97,59 +208,34 @@ def autoscaling_config(worker_node_types: dict[str, dict], gcs_address: str,
     }
 
 
-class LocalAutoscalingCluster:
+class LocalAutoscalingCluster(LocalRayHead):
     """`worker_node_types`: name -> {"resources": {...}, "max_workers": n} as in a `ray up`
     config; `resources` may hold object_store_memory (bytes) to keep each node's store small.
+    The head advertises no CPUs (as in cluster/aws.yaml), so every actor needs a worker node.
     """
 
     def __init__(self, worker_node_types: dict[str, dict], idle_timeout_s: float = 6.0,
                  heartbeat_timeout_s: int = 10, object_store_bytes: int = 200 * 2**20):
+        super().__init__(
+            num_cpus=0,
+            # A dead node is declared dead after 3 missed 1 s health checks (default 5 x 3 s).
+            system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+            env={
+                "RAY_FAKE_CLUSTER": "1",
+                "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                # A node whose raylet stops reporting is replaced after this long (default 30 s).
+                "AUTOSCALER_HEARTBEAT_TIMEOUT_S": str(heartbeat_timeout_s),
+            },
+            extra_args=(f"--object-store-memory={object_store_bytes}",),
+        )
         self.worker_node_types = worker_node_types
         self.idle_timeout_s = idle_timeout_s
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.object_store_bytes = object_store_bytes
-        self.temp_dir: str | None = None
-        self.address: str | None = None
 
-    def start(self) -> str:
-        """Start the head and its autoscaler; returns the GCS address to ray.init()."""
-        # Short: Unix socket paths under it must stay below 108 characters.
-        self.temp_dir = tempfile.mkdtemp(prefix="rayfc-", dir="/tmp")
-        host = ray.util.get_node_ip_address()
-        port = free_port(host)
-        self.address = f"{host}:{port}"
+    def start_args(self) -> list[str]:
         config_path = Path(self.temp_dir) / "autoscaling.json"
         config_path.write_text(json.dumps(
             autoscaling_config(self.worker_node_types, self.address, self.idle_timeout_s)))
-        env = {
-            **os.environ,
-            "RAY_FAKE_CLUSTER": "1",
-            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-            # A node whose raylet stops reporting is replaced after this long (default 30 s).
-            "AUTOSCALER_HEARTBEAT_TIMEOUT_S": str(self.heartbeat_timeout_s),
-            # A throwaway cluster of this machine. Token auth (Ray's default) would need the
-            # token mode set before Ray is imported in the driver, so it is off here.
-            "RAY_AUTH_MODE": "disabled",
-        }
-        env.pop("RAY_ADDRESS", None)
-        # A dead node is declared dead after 3 missed 1 s health checks (default 5 x 3 s).
-        system_config = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
-        ray_cli = Path(sys.executable).parent / "ray"
-        started = subprocess.run(
-            [str(ray_cli), "start", "--head", f"--port={port}", f"--node-ip-address={host}",
-             f"--temp-dir={self.temp_dir}", f"--autoscaling-config={config_path}",
-             "--num-cpus=0", f"--object-store-memory={self.object_store_bytes}",
-             "--include-dashboard=false", "--disable-usage-stats",
-             f"--system-config={json.dumps(system_config)}"],
-            env=env, capture_output=True, text=True, timeout=180,
-        )
-        if started.returncode != 0:
-            raise RuntimeError(f"ray start --head failed ({started.returncode}): "
-                               f"{(started.stdout + started.stderr)[-3000:]}")
-        return self.address
-
-    def connect(self) -> None:
-        ray.init(address=self.address, log_to_driver=False)
+        return [f"--autoscaling-config={config_path}"]
 
     # --- nodes -------------------------------------------------------------------------
 
@@ -204,13 +290,3 @@ class LocalAutoscalingCluster:
                 raise TimeoutError(f"{what}: not after {timeout_s:g} s")
             time.sleep(0.5)
         return time.monotonic() - start
-
-    # --- teardown ----------------------------------------------------------------------
-
-    def shutdown(self) -> None:
-        """End this cluster's processes (the driver must have called ray.shutdown())."""
-        if self.temp_dir is None:
-            return
-        end_processes_naming(self.temp_dir)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        self.temp_dir = None

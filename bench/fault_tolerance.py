@@ -18,12 +18,11 @@ from results_file import write_result
 
 from spatialrl.actors.fault_rehearsal import (
     NODE_TYPES,
+    autoscaling_cluster,
     learner_node_lost,
     learner_rank_lost,
     rollout_node_lost,
     samples_lost,
-    start_cluster,
-    stop_cluster,
 )
 from spatialrl.commands.tiny_models import write_tiny_models
 
@@ -36,8 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         tiny_flux = write_tiny_models(workdir / "models")["flux"]
-        cluster = start_cluster()
-        try:
+        with autoscaling_cluster() as cluster:
             result = {"node_types": NODE_TYPES}
             result["rollout_node_lost"] = rollout_node_lost(cluster, tiny_flux,
                                                             workdir / "rollout")
@@ -46,8 +44,6 @@ def main() -> None:
                                    ("learner_node_lost", learner_node_lost)]:
                 cluster.wait_until_only_the_head_is_left(120)
                 result[name] = scenario(cluster, tiny_flux, workdir / name)
-        finally:
-            stop_cluster(cluster)
     write_result(result, args.out)
 
 

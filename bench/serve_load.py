@@ -30,9 +30,9 @@ import numpy as np
 from best_of_n import random_spatialscore
 from results_file import write_result
 
-from spatialrl.actors.local_cluster import free_port
 from spatialrl.data.grammar import sample_scene, scene_to_prompt
 from spatialrl.data.render import render
+from spatialrl.ports import free_port
 from spatialrl.service.api import ImageRef
 from spatialrl.service.client import ServiceError, SpatialScoreClient, image_ref
 

@@ -21,7 +21,6 @@ import torch.distributed as dist
 from ray.exceptions import ObjectLostError
 
 from spatialrl import storage
-from spatialrl.actors.local_cluster import free_port
 from spatialrl.actors.placement_groups import in_bundle, release, reserve
 from spatialrl.broadcast import broadcast_tensors, open_group, weights_fingerprint
 from spatialrl.config import PolicyModelConfig, TrainConfig
@@ -31,6 +30,7 @@ from spatialrl.flux.lora import add_initial_adapter, lora_checksum, lora_state_d
 from spatialrl.flux.sampler import Trajectory
 from spatialrl.grpo.loss import sample_train_steps
 from spatialrl.grpo.update import grpo_update
+from spatialrl.ports import free_port
 from spatialrl.recovery import SamplesLost
 from spatialrl.role_resources import role_bundles
 from spatialrl.train_batch import TrainBatch, gather_trajectory

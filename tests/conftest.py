@@ -79,10 +79,7 @@ def _random_lora(model: Path, out: Path, scale: float) -> Path:
     return save_lora(pipeline, out)
 
 
-# The longest files, started first (in this order) so that no long file starts last: the
-# autoscaling cluster's also in a fresh worker process, since its tests failed every time
-# (two runs, all five, the learner actors cancelled before they started) when their
-# pytest-xdist worker had run other Ray test files before them; the cause is not found yet.
+# The longest files, started first (in this order) so that no long file starts last.
 FIRST_FILES = ("test_autoscaling_cluster.py", "test_ray_trainer.py", "test_reward_training.py")
 
 

@@ -19,11 +19,8 @@ IDLE_REMOVAL_S = 120  # idle timeout 6 s, plus autoscaler rounds on a loaded mac
 @pytest.fixture
 def cluster():
     """A fresh cluster per test: the head node alone at the start."""
-    cluster = rehearsal.start_cluster()
-    try:
+    with rehearsal.autoscaling_cluster() as cluster:
         yield cluster
-    finally:
-        rehearsal.stop_cluster(cluster)
 
 
 def assert_nothing_lost(record):

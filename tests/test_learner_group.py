@@ -9,6 +9,7 @@ import torch
 from diffusers import FluxPipeline
 from peft.utils import get_peft_model_state_dict
 
+from spatialrl.actors.local_cluster import LocalRayHead, connected
 from spatialrl.actors.rollout import packed
 from spatialrl.config import load_config
 from spatialrl.flux.loading import load_flux_pipeline, load_flux_transformer
@@ -44,9 +45,8 @@ def tiny_config(tiny_flux_path, *extra):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with connected(LocalRayHead(num_cpus=2)):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ same held-out prompts and seeds, scored by models/spatialscore-shapes. They agre
 rewards came from that SpatialScore and the LoRA is the policy the loop evaluated."""
 
 import pytest
-import ray
 import torch
 from diffusers import FluxPipeline
 from mlflow.tracking import MlflowClient
-from ray import serve
 
 from spatialrl import storage
+from spatialrl.actors.local_cluster import LocalRayHead, connected
 from spatialrl.config import load_config
 from spatialrl.learners.ray_backend import train_on_ray
 from spatialrl.policy_evaluation import eval_metrics, sample_eval_images
@@ -28,10 +27,8 @@ SHIPPED_GENERATOR, SHIPPED_SPATIALSCORE = "models/shapes-flux", "models/spatials
 
 @pytest.fixture
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
+    with connected(LocalRayHead(num_cpus=2)):
+        yield
 
 
 def test_main_job_trains_the_shipped_generator_against_the_shipped_spatialscore(local_ray,

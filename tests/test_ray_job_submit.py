@@ -14,14 +14,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from spatialrl.actors.local_cluster import end_processes_naming, free_port
+from spatialrl.actors.local_cluster import LocalRayHead
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -97,31 +96,17 @@ def fresh_copy_of_repository(dest: Path) -> Path:
 
 
 @pytest.fixture
-def head_node(tmp_path):
+def head_node():
     """A one-node cluster with token authentication (RAY_AUTH_MODE=token); its processes find
     `spatialrl` on PATH, as after `source .venv/bin/activate` or in a cluster image."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env.pop("RAY_ADDRESS", None)
-    dashboard_port = free_port()
-    # Its own short temp dir (socket paths stay under 108 characters): stopping it ends only
-    # this cluster's processes, where `ray stop` would end every Ray instance on the machine.
-    temp_dir = tempfile.mkdtemp(prefix="rayjs-", dir="/tmp")
-    subprocess.run(
-        [BIN / "ray", "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-         f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
-         # Not the default agent ports: another Ray instance on the machine holds those, and
-         # its job agent would then never come up.
-         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}"],
-        check=True, env=env, capture_output=True, timeout=180,
-    )
+    head = LocalRayHead(num_cpus=2, host="127.0.0.1", dashboard=True, env={
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)})
     try:
-        yield f"http://127.0.0.1:{dashboard_port}", env
+        head.start()
+        yield head.dashboard_address, head.env
     finally:
-        end_processes_naming(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        head.shutdown()
 
 
 @pytest.mark.ray

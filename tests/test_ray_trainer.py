@@ -8,9 +8,9 @@ import ray
 import torch
 from diffusers import FluxPipeline
 from mlflow.tracking import MlflowClient
-from ray import serve
 
 from spatialrl import storage
+from spatialrl.actors.local_cluster import LocalRayHead, connected
 from spatialrl.broadcast import weights_fingerprint
 from spatialrl.config import ConfigError, load_config
 from spatialrl.flux.loading import load_flux_transformer
@@ -54,10 +54,8 @@ def trainer_config(tiny_flux_path, tmp_path, *extra):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
+    with connected(LocalRayHead(num_cpus=2)):
+        yield
 
 
 def assert_every_group_once(cfg):

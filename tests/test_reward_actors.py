@@ -11,8 +11,8 @@ import pytest
 import ray
 import torch
 from PIL import Image
-from ray import serve
 
+from spatialrl.actors.local_cluster import LocalRayHead, connected
 from spatialrl.actors.reward import score_group, score_on_deployment, start_reward_deployment
 from spatialrl.config import RewardConfig
 from spatialrl.data.grammar import sample_scene, scene_to_prompt
@@ -48,10 +48,8 @@ NAN = reward_config(1, 0.0, kind="weighted", weights={"shapes_rule": 1.0}).model
 
 @pytest.fixture(scope="module")
 def local_serve():
-    ray.init(num_cpus=2, resources={"reward_node": 1}, include_dashboard=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
+    with connected(LocalRayHead(num_cpus=2, resources={"reward_node": 1})):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from spatialrl.actors.local_cluster import LocalRayHead, connected
 from spatialrl.cli import main
 from spatialrl.config import ConfigError, load_config
 from spatialrl.data.pairs import PairFileError, decode_image, read_pairs, write_pairs
@@ -235,11 +236,8 @@ def test_init_from_problems_fail_before_any_worker_starts(tiny_qwen_path, pairs_
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with connected(LocalRayHead(num_cpus=2)):
+        yield
 
 
 def train_config(tiny_qwen_path, pairs_dir, out, db, *extra):

@@ -5,8 +5,8 @@ learner group."""
 import pytest
 import ray
 import torch
-from ray import serve
 
+from spatialrl.actors.local_cluster import LocalRayHead, connected
 from spatialrl.actors.reward import start_reward_deployment
 from spatialrl.actors.rollout import RolloutActor, unpack_group
 from spatialrl.config import load_config
@@ -29,11 +29,9 @@ def tiny_config(tiny_flux_path):
 
 @pytest.fixture(scope="module")
 def local_ray(tiny_flux_path):
-    ray.init(num_cpus=2, include_dashboard=False)
-    start_reward_deployment(tiny_config(tiny_flux_path))  # the brightness reward
-    yield
-    serve.shutdown()
-    ray.shutdown()
+    with connected(LocalRayHead(num_cpus=2)):
+        start_reward_deployment(tiny_config(tiny_flux_path))  # the brightness reward
+        yield
 
 
 @pytest.fixture

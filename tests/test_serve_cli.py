@@ -13,8 +13,8 @@ import pytest
 import ray
 import yaml
 
-from spatialrl.actors.local_cluster import free_port
 from spatialrl.cli import main
+from spatialrl.ports import free_port
 from spatialrl.service.client import ServiceError, SpatialScoreClient
 
 SPATIALRL = str(Path(sys.executable).parent / "spatialrl")

@@ -24,7 +24,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from spatialrl.actors.local_cluster import free_port
+from spatialrl.actors.local_cluster import LocalRayHead, connected
 from spatialrl.actors.service import APP_NAME, GeneratorDeployment, start_service
 from spatialrl.config import PolicyModelConfig, RewardConfig
 from spatialrl.data.grammar import sample_scene, scene_to_prompt
@@ -33,6 +33,7 @@ from spatialrl.data.render import render
 from spatialrl.errors import InputError
 from spatialrl.generation import LORA_WEIGHTS_FILE, FluxCandidates
 from spatialrl.model_checksum import files_checksum
+from spatialrl.ports import free_port
 from spatialrl.reward_functions import build_reward, reward_version
 from spatialrl.service.api import ImageRef, decode_pixels, probability_preferred, read_image
 from spatialrl.service.client import ServiceError, SpatialScoreClient
@@ -99,13 +100,11 @@ def service_config(tiny_spatialscore_path, tiny_flux_lora_path, tiny_flux_path,
 def service(service_config):
     os.environ[TOKEN_ENV] = TOKEN
     # Metrics reach Ray's Prometheus endpoint within a second instead of ten.
-    ray.init(num_cpus=2, include_dashboard=False,
-             _system_config={"metrics_report_interval_ms": 1000})
+    head = LocalRayHead(num_cpus=2, system_config={"metrics_report_interval_ms": 1000})
     try:
-        yield start_service(service_config)
+        with connected(head):
+            yield start_service(service_config)
     finally:
-        serve.shutdown()
-        ray.shutdown()
         del os.environ[TOKEN_ENV]
 
 
