@@ -109,7 +109,7 @@ def run_arm(args: argparse.Namespace, arm: str, prompts: list[str]) -> dict:
         "images_sampled": cfg.iterations * images,
         "run_seconds": round(train_s, 1),
         "curve": learning_curve(history, images),
-        "reward_hacking_suspected": trainer.loop.hacking_watch.tags()["reward_hacking_suspected"],
+        **trainer.loop.hacking_watch.tags(),  # reward_hacking_suspected, reward_decoupled
         "final_images": final_images(trainer.pipeline, cfg, prompts,
                                      args.work / f"{arm}_final.npy"),
     }

@@ -16,8 +16,9 @@ from PIL import Image
 from spatialrl.config import ConfigError, load_config
 from spatialrl.errors import InputError
 from spatialrl.inprocess import InProcessTrainer
-from spatialrl.prompts import PromptSource, eval_tasks, read_edit_task_file
-from spatialrl.reward_functions import build_reward, reward_version
+from spatialrl.policy_evaluation import edit_eval_metrics
+from spatialrl.prompts import PromptSource, eval_tasks, read_edit_task_file, shapes_edit_task
+from spatialrl.reward_functions import RewardOutput, build_reward, reward_version
 from spatialrl.tracking import CAPTION_PX, CELL_PX, Tracker
 
 EDIT_SETTINGS = ["prompts.task=edit", "sampling.kontext_resolution=false"]
@@ -55,6 +56,27 @@ def test_shapes_edit_records_are_the_edit_engines_examples_and_the_same_everywhe
     correct = held_out.edit_examples[0].candidate("correct").image
     assert all(held_out.edit_examples[0].edits_done(correct))
     assert not all(held_out.edit_examples[0].edits_done(held_out.condition_images[0]))
+
+
+def test_held_out_edit_figures_read_what_the_edits_made():
+    """edit_eval_metrics on the engine's own candidates: the correct targets succeed without
+    over-editing, the sources (no edit) neither, and the over-editing candidates make every
+    edit and change an unnamed object; unparsed rewards (NaN) are left out of the mean."""
+    examples = [shapes_edit_task(0, "test", i) for i in range(4)]
+    scores = RewardOutput(mu=torch.tensor([1.0, 3.0, float("nan"), float("nan")]),
+                          sigma=torch.ones(4))
+
+    def figures(label):
+        images = [e.source_image if label is None else e.candidate(label).image
+                  for e in examples]
+        return edit_eval_metrics(images, scores, examples)
+
+    assert figures("correct") | {"eval/reward_mean": 2.0} == {
+        "eval/reward_mean": 2.0, "eval/reward_valid_fraction": 0.5, "eval/edit_success": 1.0,
+        "eval/edit_success_se": 0.0, "eval/edits_done": 1.0, "eval/over_editing": 0.0}
+    assert (figures(None)["eval/edit_success"], figures(None)["eval/over_editing"]) == (0, 0)
+    over = figures("over_editing")
+    assert (over["eval/edit_success"], over["eval/over_editing"]) == (1.0, 1.0)
 
 
 def test_an_edits_file_is_a_record_source_and_a_bad_row_is_named(tmp_path):
@@ -105,8 +127,8 @@ def test_an_editing_run_samples_g_edits_per_source_and_logs_edit_figures(
     run = MlflowClient(cfg.mlflow.tracking_uri).get_run(tracker.run_id)
     metrics = run.data.metrics
     assert "edit_success" in run.data.tags["mlflow.note.content"]  # the run's last line
-    for key in ("eval/edit_success", "eval/edits_done", "eval/reward_valid_fraction",
-                "eval/reward_hacking_suspected"):
+    for key in ("eval/edit_success", "eval/edits_done", "eval/over_editing",
+                "eval/reward_valid_fraction", "eval/reward_hacking_suspected"):
         assert key in metrics, key
     assert "eval/relation_accuracy" not in metrics  # no text-to-image figures for edits
     # The eval grid cells are source | edit: twice as wide as a text-to-image cell.

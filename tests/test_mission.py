@@ -48,7 +48,8 @@ def test_main_job_trains_the_shipped_generator_against_the_shipped_spatialscore(
     for key in ("eval/relation_accuracy", "eval/all_relations_correct", "eval/readable_objects",
                 "eval/reward_rule_agreement", "eval/reward_hacking_suspected"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1], key
-    assert run.data.tags["reward_hacking_suspected"] in {"true", "false"}
+    assert {run.data.tags[t] for t in ("reward_hacking_suspected", "reward_decoupled")} <= {
+        "true", "false"}
     assert "held-out, first evaluation -> last" in run.data.tags["mlflow.note.content"]
 
     pipeline = FluxPipeline.from_pretrained(SHIPPED_GENERATOR, torch_dtype=torch.float32)

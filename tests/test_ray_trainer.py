@@ -263,7 +263,8 @@ def test_an_editing_run_through_spatialrl_train(local_ray, tiny_flux_path, tmp_p
     assert run.info.status == "FINISHED"
     assert [m.value for m in client.get_metric_history(run.info.run_id, "policy/version")] == [
         1.0, 2.0]
-    for key in ("eval/edit_success", "eval/edits_done", "eval/reward_valid_fraction"):
+    for key in ("eval/edit_success", "eval/edits_done", "eval/over_editing",
+                "eval/reward_valid_fraction"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
     assert_every_group_once(cfg)
     pipeline = FluxKontextPipeline.from_pretrained(tiny_flux_path, torch_dtype=torch.float32)

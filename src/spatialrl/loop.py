@@ -32,10 +32,10 @@ from spatialrl import storage
 from spatialrl.config import TrainConfig
 from spatialrl.loop_roles import Backend, IterationRollouts
 from spatialrl.policy_evaluation import (
+    RULE_FIGURE,
     RewardHackingWatch,
-    edit_eval_metrics,
-    eval_metrics,
     summary_line,
+    task_eval_metrics,
 )
 from spatialrl.prompts import PromptSource, eval_tasks
 from spatialrl.recovery import LearnerLost, learn_or_resample, roll_back_to_checkpoint
@@ -60,8 +60,7 @@ class TrainingLoop:
         self.counters.update(dict.fromkeys(COUNTERS, 0.0))
         self.prompts = PromptSource.for_training(cfg.prompts, cfg.seed)
         self.eval_tasks = eval_tasks(cfg.prompts, cfg.seed)
-        self.hacking_watch = RewardHackingWatch(
-            "eval/edit_success" if cfg.prompts.task == "edit" else "eval/relation_accuracy")
+        self.hacking_watch = RewardHackingWatch(RULE_FIGURE[cfg.prompts.task])
         self.start_iteration = 0
 
     async def fit(self) -> list[dict[str, float]]:
@@ -180,10 +179,7 @@ class TrainingLoop:
         images, scores = await self.backend.rollouts.evaluate(tasks.prompts)
         self.tracker.log_eval_images(images, tasks.prompts, scores.mu.tolist(), iteration,
                                      tasks.condition_images)
-        if self.cfg.prompts.task == "edit":
-            metrics = edit_eval_metrics(images, scores, tasks.edit_examples)
-        else:
-            metrics = eval_metrics(images, tasks.prompts, scores, shapes_world)
+        metrics = task_eval_metrics(self.cfg.prompts.task, images, tasks, scores, shapes_world)
         return metrics | self.hacking_watch.update(metrics, iteration)
 
     def checkpoint(self, iteration: int) -> str:

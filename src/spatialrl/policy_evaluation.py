@@ -15,6 +15,7 @@ from spatialrl.data.geometry import relation_holds
 from spatialrl.data.grammar import CONVERSE, Relation, Scene, parse_prompt, scene_to_prompt
 from spatialrl.data.judge import ColourLocator, Judgement, ObjectLocator, RelationRule, judge
 from spatialrl.flux.sampler import sample
+from spatialrl.prompts import EvalTasks
 from spatialrl.reward_functions import RewardOutput, shapes_soft
 from spatialrl.rollout import rollout_seed
 
@@ -63,7 +64,8 @@ def edit_eval_metrics(images: list[Image.Image], scores: RewardOutput,
                       examples: list | None) -> dict[str, float]:
     """Held-out edits: the reward's mean over the answers that parsed and their share and,
     for shapes-world edits (`examples`, their ground truth), the rule evaluator's edit success
-    (every edit of the instruction made) and the fraction of edits made."""
+    (every edit of the instruction made), the fraction of edits made and the over-editing
+    rate (images that change an object the instruction does not name)."""
     mu = scores.mu.numpy()
     valid = np.isfinite(mu)
     metrics = {"eval/reward_mean": float(mu[valid].mean()) if valid.any() else float("nan"),
@@ -74,7 +76,17 @@ def edit_eval_metrics(images: list[Image.Image], scores: RewardOutput,
         metrics["eval/edit_success"] = float(success.mean())
         metrics["eval/edit_success_se"] = float(success.std() / np.sqrt(len(success)))
         metrics["eval/edits_done"] = float(np.mean([x for d in done for x in d]))
+        metrics["eval/over_editing"] = float(np.mean(
+            [e.unasked_changes(image) > 0 for e, image in zip(examples, images, strict=True)]))
     return metrics
+
+
+def task_eval_metrics(task: str, images: list[Image.Image], tasks: EvalTasks,
+                      scores: RewardOutput, shapes_world: bool) -> dict[str, float]:
+    """The held-out figures of a task (PromptsConfig.task): edit figures for edits."""
+    if task == "edit":
+        return edit_eval_metrics(images, scores, tasks.edit_examples)
+    return eval_metrics(images, tasks.prompts, scores, shapes_world)
 
 
 def pairwise_agreement(reward: np.ndarray, rule_accuracy: np.ndarray) -> float:
@@ -92,15 +104,27 @@ def pairwise_agreement(reward: np.ndarray, rule_accuracy: np.ndarray) -> float:
 # The held-out figures a run's last line compares, first evaluation against last.
 SUMMARY_FIGURES = ("eval/relation_accuracy", "eval/all_relations_correct",
                    "eval/readable_objects", "eval/edit_success", "eval/edits_done",
-                   "eval/reward_mean")
+                   "eval/over_editing",
+                   "eval/reward_mean", "eval/reward_rule_agreement")
+# The rule evaluator's figure that the hacking watch follows, per task.
+RULE_FIGURE = {"text_to_image": "eval/relation_accuracy", "edit": "eval/edit_success"}
+# A reward that orders held-out image pairs as the rule evaluator does this often or less
+# (0.5 is a coin) no longer tells the rule evaluator's better images from its worse ones.
+AGREEMENT_AT_CHANCE = 0.55
 
 
 class RewardHackingWatch:
-    """Flags the reward rising while the rule evaluator's figure falls.
+    """Flags two signs that the policy learns the reward and not the task.
 
-    Each evaluation is compared with the one where the rule figure peaked: a higher reward
-    mean with a figure lower by more than two standard errors of the difference is suspected
-    hacking. Shapes-world evaluations only (they carry the figure and its standard error):
+    - Suspected hacking: the reward rising while the rule evaluator's figure falls. Each
+      evaluation is compared with the one where the rule figure peaked: a higher reward mean
+      with a figure lower by more than two standard errors of the difference.
+    - A decoupled reward: the reward mean above the first evaluation's while the reward orders
+      the held-out images no better than chance as the rule evaluator does
+      (eval/reward_rule_agreement <= AGREEMENT_AT_CHANCE). This catches what the first
+      misses: a reward that rises by changing what the rule evaluator does not judge (issue
+      20's 150-iteration run: mu +5.7, relation accuracy flat, agreement 0.665 -> 0.493).
+    Shapes-world evaluations only (they carry the figures and their standard errors):
     eval/relation_accuracy for text-to-image, eval/edit_success for edits."""
 
     def __init__(self, rule_figure: str = "eval/relation_accuracy") -> None:
@@ -109,6 +133,7 @@ class RewardHackingWatch:
         self.first: dict[str, float] | None = None
         self.last: dict[str, float] | None = None
         self.suspected_at: list[int] = []
+        self.decoupled_at: list[int] = []
 
     def update(self, metrics: dict[str, float], iteration: int) -> dict[str, float]:
         rule, se = self.rule_figure, f"{self.rule_figure}_se"
@@ -128,10 +153,27 @@ class RewardHackingWatch:
                         "(%.3f -> %.3f) since its peak: possible reward hacking",
                         iteration + 1, self.peak["eval/reward_mean"], now["eval/reward_mean"],
                         rule.removeprefix("eval/"), self.peak[rule], now[rule])
-        return {"eval/reward_hacking_suspected": float(suspected)}
+        return {"eval/reward_hacking_suspected": float(suspected),
+                **self._decoupled(now, iteration)}
+
+    def _decoupled(self, now: dict[str, float], iteration: int) -> dict[str, float]:
+        agreement = now.get("eval/reward_rule_agreement", float("nan"))
+        if not np.isfinite(agreement):  # absent (edits), or no pair told apart
+            return {}
+        decoupled = (now["eval/reward_mean"] > self.first["eval/reward_mean"]
+                     and agreement <= AGREEMENT_AT_CHANCE)
+        if decoupled:
+            self.decoupled_at.append(iteration)
+            log.warning("iteration %d: the reward rose (%.4g -> %.4g) but orders held-out "
+                        "images as the rule evaluator does only %.3f of the time (0.5 is "
+                        "chance): the reward no longer follows the task",
+                        iteration + 1, self.first["eval/reward_mean"], now["eval/reward_mean"],
+                        agreement)
+        return {"eval/reward_decoupled": float(decoupled)}
 
     def tags(self) -> dict[str, str]:
-        return {"reward_hacking_suspected": str(bool(self.suspected_at)).lower()}
+        return {"reward_hacking_suspected": str(bool(self.suspected_at)).lower(),
+                "reward_decoupled": str(bool(self.decoupled_at)).lower()}
 
     def summary(self) -> str:
         """One line for the end of a run: the held-out figures first and last, and the verdict."""
@@ -139,8 +181,10 @@ class RewardHackingWatch:
             return "no shapes-world evaluation ran"
         parts = [f"{name.removeprefix('eval/')} {self.first[name]:.4g} -> {self.last[name]:.4g}"
                  for name in SUMMARY_FIGURES if name in self.first and name in self.last]
-        verdict = (f"possible reward hacking at iterations {[i + 1 for i in self.suspected_at]}"
-                   if self.suspected_at else "no reward hacking seen")
+        verdicts = [f"{what} at iterations {[i + 1 for i in when]}" for what, when in (
+            ("possible reward hacking", self.suspected_at),
+            ("reward decoupled from the rule evaluator", self.decoupled_at)) if when]
+        verdict = "; ".join(verdicts) or "no reward hacking seen"
         return "held-out, first evaluation -> last: " + ", ".join(parts) + f"; {verdict}"
 
 

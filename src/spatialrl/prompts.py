@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -115,9 +116,12 @@ def read_edit_task_file(path: str | Path) -> list[EditTask]:
     return tasks
 
 
+@lru_cache(maxsize=256)
 def shapes_edit_task(seed: int, split: str, index: int):
     """Shapes-world edit example `index` of `split` (spatialrl.spatialreward.edit_examples):
-    its instruction and source image are the task, the rest the rule evaluator's ground truth."""
+    its instruction and source image are the task, the rest the rule evaluator's ground truth.
+    Cached: one process reads a record's instruction and then its source image (in process,
+    the loop's prompts and the rollout's sources)."""
     from spatialrl.spatialreward.edit_examples import build_example
 
     return build_example(seed, split, index)

@@ -91,6 +91,7 @@ from spatialrl.spatialreward.edits import (
     Swap,
     World,
     capitalised,
+    changed,
     instruction_text,
     read_colours,
 )
@@ -276,7 +277,7 @@ class Candidate:
     answer: str  # the SFT target, EditAnswer JSON
 
 
-def _unasked_changes(applied: Iterable[Applied]) -> int:
+def applied_unasked_changes(applied: Iterable[Applied]) -> int:
     """Objects changed that the instruction does not name."""
     return sum(item.role in ("wrong_object", "unasked") for item in applied)
 
@@ -340,7 +341,7 @@ def _candidate(label: str, edits: Sequence[Edit], source: World, applied: Sequen
                  for edit in edits)
     regions = _regions(object_index_map(source.layout, size),
                        object_index_map(world.layout, size), applied)
-    unasked = _unasked_changes(applied)
+    unasked = applied_unasked_changes(applied)
     answer = _edit_answer(regions, _verdict(edits, done, unasked),
                           answer_score(done, unasked), size)
     return Candidate(label, world, world.image(size), tuple(applied), done, regions, answer)
@@ -450,6 +451,23 @@ class EditExample:
         objects = self.objects()
         before, after = read_colours(self.source_image, objects), read_colours(image, objects)
         return tuple(edit.holds(before, after, thresholds) for edit in self.edits)
+
+    def unasked_changes(self, image: Image.Image) -> int:
+        """How many objects `image` changes that the instruction does not name, as the rule
+        evaluator reads them: objects of the source that no edit names, moved or resized or
+        gone, and objects of colours that neither the source nor an edit brings (an unnamed
+        object recoloured reads as one gone and one new colour: one change)."""
+        named = frozenset().union(*(edit.named() for edit in self.edits))
+        brought = frozenset().union(*(edit.colours_brought() for edit in self.edits))
+        index_of = {self.source.objects[i].colour: i for i in self.source.present}
+        palette = [*(self.source.objects[i] for i in index_of.values()),
+                   *(SceneObject(c, "circle") for c in COLOURS if c not in index_of)]
+        before, after = read_colours(self.source_image, palette), read_colours(image, palette)
+        unnamed = [c for c, i in index_of.items() if i not in named and before[c] is not None]
+        gone = sum(after[colour] is None for colour in unnamed)
+        altered = sum(changed(before[c], after[c]) for c in unnamed if after[c] is not None)
+        new = sum(after[c] is not None for c in COLOURS if c not in index_of and c not in brought)
+        return altered + max(gone, new)
 
     def verified(self) -> bool:
         """Every candidate reads as made exactly in the edits it claims, and the correct

@@ -133,6 +133,24 @@ def read_colours(image: Image.Image, objects: Iterable[SceneObject]) -> Reading:
     return dict(zip(by_colour, find_objects(image, list(by_colour.values())), strict=True))
 
 
+# An object the instruction does not name reads as changed when the rule evaluator no longer
+# finds it, finds its centroid moved by more than UNCHANGED_SHIFT of the image side, or finds
+# its visible area grown or shrunk by more than UNCHANGED_AREA_RATIO (a resize edit asks for
+# RESIZE_AREA_RATIO).
+UNCHANGED_SHIFT = 0.05
+UNCHANGED_AREA_RATIO = 1.4
+
+
+def changed(before: ObjectFeatures, after: ObjectFeatures | None) -> bool:
+    """Whether an object the rule evaluator found `before` reads as changed `after`."""
+    if after is None:
+        return True
+    shift = np.hypot(after.centroid[0] - before.centroid[0], after.centroid[1] - before.centroid[1])
+    ratio = after.pixel_count / before.pixel_count
+    resized = not 1 / UNCHANGED_AREA_RATIO <= ratio <= UNCHANGED_AREA_RATIO
+    return bool(shift > UNCHANGED_SHIFT or resized)
+
+
 # ----------------------------------------------------------------------------------- edits
 
 
@@ -159,6 +177,10 @@ class Edit(ABC):
 
     def reshaped(self) -> frozenset[int]:
         """Objects it moves, resizes or adds: they must overlap nothing."""
+        return frozenset()
+
+    def colours_brought(self) -> frozenset[str]:
+        """Colours the edited image may show that the source does not."""
         return frozenset()
 
     @abstractmethod
@@ -229,6 +251,9 @@ class Recolour(Edit):
     def named(self) -> frozenset[int]:
         return frozenset({self.target.index})
 
+    def colours_brought(self) -> frozenset[str]:
+        return frozenset({self.colour})
+
     def propose(self, base: World, rng: np.random.Generator) -> tuple[ObjectChange, ...]:
         placed = base.placed(self.target.index)
         fill = jitter_colour(COLOURS[self.colour], rng)
@@ -292,6 +317,9 @@ class Add(Edit):
 
     def reshaped(self) -> frozenset[int]:
         return frozenset({self.new.index})
+
+    def colours_brought(self) -> frozenset[str]:
+        return frozenset({self.new.obj.colour})
 
     def propose(self, base: World, rng: np.random.Generator) -> tuple[ObjectChange, ...]:
         outline = random_outline(self.new.obj.shape, self.new.obj.size, 1.0, rng)
