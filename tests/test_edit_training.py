@@ -71,12 +71,16 @@ def test_held_out_edit_figures_read_what_the_edits_made():
                   for e in examples]
         return edit_eval_metrics(images, scores, examples)
 
-    assert figures("correct") | {"eval/reward_mean": 2.0} == {
+    correct = figures("correct")
+    kinds = {kind for e in examples for kind in e.kinds}
+    assert correct == {
         "eval/reward_mean": 2.0, "eval/reward_valid_fraction": 0.5, "eval/edit_success": 1.0,
-        "eval/edit_success_se": 0.0, "eval/edits_done": 1.0, "eval/over_editing": 0.0}
+        "eval/edit_success_se": 0.0, "eval/edits_done": 1.0, "eval/over_editing": 0.0,
+        "eval/edit_correct": 1.0, **{f"eval/edits_done/{kind}": 1.0 for kind in kinds}}
     assert (figures(None)["eval/edit_success"], figures(None)["eval/over_editing"]) == (0, 0)
     over = figures("over_editing")
     assert (over["eval/edit_success"], over["eval/over_editing"]) == (1.0, 1.0)
+    assert over["eval/edit_correct"] == 0.0
 
 
 def test_an_edits_file_is_a_record_source_and_a_bad_row_is_named(tmp_path):

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "spatialrl.commands.serve",
     "spatialrl.commands.pretrain",
     "spatialrl.commands.eval_policy",
+    "spatialrl.commands.eval_editor",
 ]
 
 

@@ -400,16 +400,11 @@ def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class GeneratorPretraining:
-    """Settings of `spatialrl pretrain generator` (the shipped model card lists them)."""
+class FlowMatchingTraining:
+    """The transformer stage of a shapes-world base model: rectified-flow training of the
+    transformer and both text encoders (spatialrl.flux.pretraining.train_transformer)."""
 
     seed: int = 0
-    image_size: int = 64
-    num_renders: int = 50_000
-    vae_steps: int = 1000
-    vae_batch_size: int = 16
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
     steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-3
@@ -425,3 +420,30 @@ class GeneratorPretraining:
     log_every: int = 50
     # The saved pipeline's dtype; loaders cast to theirs. float16 halves the shipped size.
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+
+
+@dataclass(frozen=True)
+class GeneratorPretraining(FlowMatchingTraining):
+    """Settings of `spatialrl pretrain generator` (the shipped model card lists them)."""
+
+    image_size: int = 64
+    num_renders: int = 50_000
+    vae_steps: int = 1000
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+
+
+@dataclass(frozen=True)
+class EditorPretraining(FlowMatchingTraining):
+    """Settings of `spatialrl pretrain editor`: the base generator fine-tuned on train-split
+    edit triples (source, instruction, correct target) with Kontext conditioning."""
+
+    num_examples: int = 8000
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    lr_decay_steps: int = 1000
+    # The longest instruction (three edits) is 52 T5 tokens with the generator's tokenizer.
+    max_sequence_length: int = 64

@@ -63,22 +63,41 @@ def eval_metrics(
 def edit_eval_metrics(images: list[Image.Image], scores: RewardOutput,
                       examples: list | None) -> dict[str, float]:
     """Held-out edits: the reward's mean over the answers that parsed and their share and,
-    for shapes-world edits (`examples`, their ground truth), the rule evaluator's edit success
-    (every edit of the instruction made), the fraction of edits made and the over-editing
-    rate (images that change an object the instruction does not name)."""
+    for shapes-world edits (`examples`, their ground truth), the rule evaluator's figures
+    (`edit_rule_figures`)."""
     mu = scores.mu.numpy()
     valid = np.isfinite(mu)
     metrics = {"eval/reward_mean": float(mu[valid].mean()) if valid.any() else float("nan"),
                "eval/reward_valid_fraction": float(valid.mean())}
     if examples is not None:
-        done = [example.edits_done(image) for example, image in zip(examples, images, strict=True)]
-        success = np.array([all(d) for d in done], dtype=float)
-        metrics["eval/edit_success"] = float(success.mean())
-        metrics["eval/edit_success_se"] = float(success.std() / np.sqrt(len(success)))
-        metrics["eval/edits_done"] = float(np.mean([x for d in done for x in d]))
-        metrics["eval/over_editing"] = float(np.mean(
-            [e.unasked_changes(image) > 0 for e, image in zip(examples, images, strict=True)]))
+        metrics |= {f"eval/{k}": v for k, v in edit_rule_figures(images, examples).items()}
     return metrics
+
+
+def edit_rule_figures(images: list[Image.Image], examples: list) -> dict[str, float]:
+    """What the rule evaluator reads from edits of shapes-world edit examples
+    (spatialrl.spatialreward.edit_examples): edit success (every edit of the instruction
+    made) with its standard error, the fraction of edits made, the over-editing rate (images
+    that change an object the instruction does not name), edits both successful and free of
+    over-editing (edit_correct), and the share of edits made per kind (edits_done/<kind>)."""
+    done = [example.edits_done(image) for example, image in zip(examples, images, strict=True)]
+    success = np.array([all(d) for d in done], dtype=float)
+    over = np.array([e.unasked_changes(image) > 0
+                     for e, image in zip(examples, images, strict=True)], dtype=float)
+    figures = {
+        "edit_success": float(success.mean()),
+        "edit_success_se": float(success.std() / np.sqrt(len(success))),
+        "edits_done": float(np.mean([x for d in done for x in d])),
+        "over_editing": float(over.mean()),
+        # Success without collateral change: an image that is noise "removes" every object.
+        "edit_correct": float((success * (1 - over)).mean()),
+    }
+    by_kind: dict[str, list[bool]] = {}
+    for example, made in zip(examples, done, strict=True):
+        for kind, x in zip(example.kinds, made, strict=True):
+            by_kind.setdefault(kind, []).append(x)
+    return figures | {f"edits_done/{kind}": float(np.mean(xs))
+                      for kind, xs in sorted(by_kind.items())}
 
 
 def task_eval_metrics(task: str, images: list[Image.Image], tasks: EvalTasks,

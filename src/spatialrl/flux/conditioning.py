@@ -62,12 +62,18 @@ def _encode_one(
     pixels = pixels.to(device=pipeline._execution_device, dtype=vae.dtype)
     latents = retrieve_latents(vae.encode(pixels), sample_mode="argmax")
     latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-    _, channels, height, width = latents.shape
+    return pack_condition_latents(pipeline, latents)
+
+
+def pack_condition_latents(pipeline: FluxPipeline, latents: torch.Tensor) -> ConditionTokens:
+    """Normalised VAE latents [B, C, h, w] of source images as conditioning tokens."""
+    batch, channels, height, width = latents.shape
     image_ids = pipeline._prepare_latent_image_ids(
-        1, height // 2, width // 2, latents.device, torch.float32
+        batch, height // 2, width // 2, latents.device, torch.float32
     )
     image_ids[:, 0] = 1
-    return ConditionTokens(pipeline._pack_latents(latents, 1, channels, height, width), image_ids)
+    return ConditionTokens(pipeline._pack_latents(latents, batch, channels, height, width),
+                           image_ids)
 
 
 def _preprocess(

@@ -10,6 +10,11 @@ The pipeline's own classes are trained, in the order FLUX itself was built:
    network predicts noise - x_0, given the packed latents, the pipeline's prompt embeddings
    and the guidance embedding.
 
+The base editor (`pretrain_editor`) is the base generator fine-tuned the same way on
+train-split edit triples of the SpatialReward edit engine: the instruction is the prompt, the
+correct target the image to denoise, and the source image's latents are Kontext conditioning
+tokens beside the noisy ones (spatialrl.flux.conditioning), as FluxKontextPipeline samples.
+
 Every stage writes its result into a work folder and is skipped once done, and the long
 transformer stage checkpoints as it goes, so an interrupted build continues where it stopped.
 """
@@ -27,16 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FluxPipeline
+from diffusers import AutoencoderKL, FluxKontextPipeline, FluxPipeline
 from diffusers.training_utils import EMAModel
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from spatialrl.config import GeneratorPretraining
+from spatialrl.config import EditorPretraining, FlowMatchingTraining, GeneratorPretraining
 from spatialrl.data.grammar import scene_to_prompt
 from spatialrl.data.render import LayoutError, render
 from spatialrl.data.shapes import sample_split_scene
+from spatialrl.flux.conditioning import pack_condition_latents
 from spatialrl.policy_evaluation import rule_figures
 from spatialrl.tiny import save_atomically
 from spatialrl.tiny.flux import SHAPES_GENERATOR, build_tiny_flux
@@ -47,6 +53,9 @@ RENDERS_FILE = "renders.safetensors"
 PROMPTS_FILE = "prompts.json"
 VAE_DIR = "vae"
 LATENTS_FILE = "latents.safetensors"
+EDITS_FILE = "edits.safetensors"  # the editor's (source, target) renders
+INSTRUCTIONS_FILE = "instructions.json"
+SOURCE_LATENTS_FILE = "source_latents.safetensors"
 CHECKPOINT_DIR = "checkpoint"  # the transformer stage's newest checkpoint
 STATE_FILE = "training_state.pt"  # optimiser and EMA tensors; loaded with weights_only=True
 PROGRESS_FILE = "progress.json"
@@ -65,16 +74,35 @@ def pretrain_generator(
     pipeline = build_tiny_flux(SHAPES_GENERATOR)
     images, prompts = renders(work_dir, settings)
     pipeline.vae = trained_vae(pipeline.vae, images, work_dir, settings)
-    latents = encoded_latents(pipeline.vae, images, work_dir)
+    latents = encoded_latents(pipeline.vae, images, work_dir / LATENTS_FILE)
     train_transformer(pipeline, latents, prompts, work_dir, settings)
     return save_atomically(Path(out_dir), [pipeline.to(getattr(torch, settings.save_dtype))])
+
+
+def pretrain_editor(
+    generator_dir: Path, out_dir: Path, work_dir: Path, settings: EditorPretraining
+) -> Path:
+    """Fine-tune the base generator in `generator_dir` into the base editor: a
+    FluxKontextPipeline folder in `out_dir` (the generator's VAE and tokenizers, unchanged),
+    staging in `work_dir`. Rerunning with the same work folder continues an interrupted build."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _check_settings(work_dir, settings)
+    torch.manual_seed(settings.seed)
+    pipeline = FluxPipeline.from_pretrained(generator_dir, torch_dtype=torch.float32,
+                                            use_safetensors=True)
+    sources, targets, instructions = edit_triples(work_dir, settings)
+    condition = encoded_latents(pipeline.vae, sources, work_dir / SOURCE_LATENTS_FILE)
+    latents = encoded_latents(pipeline.vae, targets, work_dir / LATENTS_FILE)
+    train_transformer(pipeline, latents, instructions, work_dir, settings, condition)
+    editor = FluxKontextPipeline(**pipeline.components)
+    return save_atomically(Path(out_dir), [editor.to(getattr(torch, settings.save_dtype))])
 
 
 # Settings that do not change what was trained so far: a build may go on with other values.
 CHANGEABLE_ON_RESUME = frozenset({"steps", "save_dtype", "checkpoint_every", "log_every"})
 
 
-def _check_settings(work_dir: Path, settings: GeneratorPretraining) -> None:
+def _check_settings(work_dir: Path, settings: FlowMatchingTraining) -> None:
     """A work folder belongs to one set of settings: resuming with others would mix builds."""
     recorded = work_dir / "settings.json"
     current = json.loads(json.dumps(asdict(settings)))
@@ -119,6 +147,25 @@ def render_split(
             continue
         prompts.append(scene_to_prompt(scene))
     return np.stack(images), prompts
+
+
+def edit_triples(
+    work_dir: Path, settings: EditorPretraining
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(source renders, correct targets, instructions) of train-split edit examples (uint8
+    [N, H, W, 3] each), made once."""
+    from spatialrl.spatialreward.edit_examples import build_example
+
+    images_path, instructions_path = work_dir / EDITS_FILE, work_dir / INSTRUCTIONS_FILE
+    if not instructions_path.is_file():
+        examples = [build_example(settings.seed, "train", i) for i in range(settings.num_examples)]
+        save_numpy({"sources": np.stack([np.asarray(e.source_image) for e in examples]),
+                    "targets": np.stack([np.asarray(e.candidate("correct").image)
+                                         for e in examples])}, str(images_path))
+        instructions_path.write_text(json.dumps([e.instruction for e in examples]))  # marker
+        log.info("built %d train-split edit examples", len(examples))
+    saved = load_numpy(str(images_path))
+    return saved["sources"], saved["targets"], json.loads(instructions_path.read_text())
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -180,9 +227,8 @@ def _set_latent_normalisation(vae: AutoencoderKL, images: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def encoded_latents(vae: AutoencoderKL, images: np.ndarray, work_dir: Path) -> torch.Tensor:
-    """Normalised latents [N, C, h, w] of every render (the posterior's mean), made once."""
-    path = work_dir / LATENTS_FILE
+def encoded_latents(vae: AutoencoderKL, images: np.ndarray, path: Path) -> torch.Tensor:
+    """Normalised latents [N, C, h, w] of every image (the posterior's mean), made once."""
     if path.is_file():
         return load_file(path)["latents"]
     parts = [vae.encode(to_pixels(images[i:i + 256])).latent_dist.mode()
@@ -200,10 +246,12 @@ def train_transformer(
     latents: torch.Tensor,
     prompts: list[str],
     work_dir: Path,
-    settings: GeneratorPretraining,
+    settings: FlowMatchingTraining,
+    condition: torch.Tensor | None = None,
 ) -> None:
     """Rectified-flow training of the transformer and both text encoders, resumed from the
-    work folder's checkpoint; at the end the EMA weights are copied into the pipeline."""
+    work folder's checkpoint; at the end the EMA weights are copied into the pipeline.
+    `condition`: latents of the images each target edits (the editor), row for row."""
     parts = [getattr(pipeline, name) for name in TRAINED_PARTS]
     parameters = [p for part in parts for p in part.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
@@ -219,7 +267,8 @@ def train_transformer(
     for step in range(start, settings.steps):
         rows = rng.integers(len(prompts), size=settings.batch_size)
         loss = flow_matching_loss(
-            pipeline, latents[rows], [prompts[i] for i in rows], settings, generator
+            pipeline, latents[rows], [prompts[i] for i in rows], settings, generator,
+            None if condition is None else condition[rows],
         )
         optimizer.zero_grad()
         loss.backward()
@@ -240,7 +289,7 @@ def train_transformer(
     ema.copy_to(parameters)
 
 
-def lr_factor(step: int, settings: GeneratorPretraining) -> float:
+def lr_factor(step: int, settings: FlowMatchingTraining) -> float:
     """Linear warmup, constant, then a linear decay to 0 over the last lr_decay_steps."""
     warmup = min(1.0, (step + 1) / settings.warmup_steps)
     if settings.lr_decay_steps == 0:
@@ -252,11 +301,14 @@ def flow_matching_loss(
     pipeline: FluxPipeline,
     latents: torch.Tensor,
     prompts: list[str],
-    settings: GeneratorPretraining,
+    settings: FlowMatchingTraining,
     generator: torch.Generator,
+    condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error of the predicted velocity (noise - x_0) at logit-normal noise
-    levels, the weighting SD3 and the FLUX scripts offer."""
+    levels, the weighting SD3 and the FLUX scripts offer. With `condition` (latents of the
+    source images), their tokens follow the noisy ones as in FluxKontextPipeline, and only
+    the noisy tokens' prediction is scored."""
     batch, channels, height, width = latents.shape
     sigmas = torch.sigmoid(torch.randn(batch, generator=generator))
     noise = torch.randn(latents.shape, generator=generator)
@@ -266,17 +318,25 @@ def flow_matching_loss(
     prompt_embeds, pooled, text_ids = pipeline.encode_prompt(
         prompt=prompts, prompt_2=None, max_sequence_length=settings.max_sequence_length
     )
+    tokens = pipeline._pack_latents(noisy, batch, channels, height, width)
+    image_ids = pipeline._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu",
+                                                   latents.dtype)
+    if condition is not None:
+        source = pack_condition_latents(pipeline, condition)
+        hidden_states = torch.cat([tokens, source.latents], 1)
+        image_ids = torch.cat([image_ids, source.image_ids])
+    else:
+        hidden_states = tokens
     prediction = pipeline.transformer(
-        hidden_states=pipeline._pack_latents(noisy, batch, channels, height, width),
+        hidden_states=hidden_states,
         timestep=sigmas,  # the pipeline passes timesteps / 1000, i.e. sigma
         guidance=guidance,
         pooled_projections=pooled,
         encoder_hidden_states=prompt_embeds,
         txt_ids=text_ids,
-        img_ids=pipeline._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu",
-                                                   latents.dtype),
+        img_ids=image_ids,
         return_dict=False,
-    )[0]
+    )[0][:, :tokens.shape[1]]
     target = pipeline._pack_latents(noise - latents, batch, channels, height, width)
     return F.mse_loss(prediction, target)
 
