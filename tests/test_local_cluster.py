@@ -1,6 +1,8 @@
 """Two local Ray instances side by side (as on parallel test workers): each one's processes
 find their own cluster when they look for "the" cluster, and ending one leaves the other."""
 
+import os
+
 import pytest
 import ray
 
@@ -10,23 +12,24 @@ pytestmark = pytest.mark.ray
 
 
 @ray.remote
-def cluster_seen_from_a_task() -> list[str]:
-    """What Ray libraries that find the cluster themselves see (Ray Train's placement-group
-    cleaner calls the state API without an address; the state API needs the dashboard)."""
-    from ray.util.state import list_nodes
-
-    return [node.node_id for node in list_nodes()]
+def ray_address_seen_from_a_task() -> str | None:
+    """What Ray libraries that find the cluster themselves read first (Ray Train's
+    placement-group cleaner calls the state API without an address; with two instances on the
+    machine and no RAY_ADDRESS it fails with "Found multiple active Ray instances")."""
+    return os.environ.get("RAY_ADDRESS")
 
 
 def test_two_instances_side_by_side_each_see_their_own():
     other = LocalRayHead(num_cpus=1)
     try:
         other.start()
-        with connected(LocalRayHead(num_cpus=1, resources={"mine": 1}, dashboard=True)) as head:
-            own_nodes = [node["NodeID"] for node in ray.nodes()]
-            assert ray.get(cluster_seen_from_a_task.remote()) == own_nodes
+        with connected(LocalRayHead(num_cpus=1, resources={"mine": 1})) as head:
+            assert ray.get(ray_address_seen_from_a_task.remote()) == head.address
+            assert os.environ["RAY_ADDRESS"] == head.address  # the driver's state API too
             assert ray.cluster_resources()["mine"] == 1
+            assert head.address != other.address
             temp_dir = head.temp_dir
+        assert "RAY_ADDRESS" not in os.environ
         assert not processes_naming(temp_dir)
         assert processes_naming(other.temp_dir)  # the other instance lives on
     finally:
