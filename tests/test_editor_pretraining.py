@@ -88,3 +88,19 @@ def test_cli_builds_an_editor_with_its_flags(tmp_path):
     assert settings["max_sequence_length"] == EditorPretraining().max_sequence_length
     assert json.loads((tmp_path / "out" / "model_index.json").read_text())[
         "_class_name"] == "FluxKontextPipeline"
+
+
+def test_eval_editor_reports_held_out_edit_figures_beside_the_unedited_sources(
+        editor, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["eval-editor", "--model", str(editor), "--edits", "3", "--num-steps", "1",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["edits"], report["split"], report["num_steps"]) == (3, "test", 1)
+    assert len(report["load_average"]) == 3
+    unedited, base = report["figures"]["unedited_sources"], report["figures"]["base"]
+    # A source is its own edit of nothing: no edit made, nothing changed unasked.
+    assert (unedited["edit_success"], unedited["over_editing"]) == (0.0, 0.0)
+    assert {"edit_success", "edits_done", "over_editing", "edit_correct"} <= set(base)
+    assert main(["eval-editor", "--model", str(editor), "--lora", str(tmp_path / "none")]) != 0
+    assert "--lora: no LoRA folder at" in capsys.readouterr().err
