@@ -101,26 +101,35 @@ class LocalRayHead:
         return {**os.environ, "RAY_AUTH_MODE": "disabled", **self.extra_env,
                 "RAY_ADDRESS": self.address or ""}
 
-    def start(self) -> str:
-        """Start the head; returns the GCS address to ray.init()."""
+    def start(self, attempts: int = 2) -> str:
+        """Start the head; returns the GCS address to ray.init(). A failed start is ended and
+        tried again with new ports and a new temp dir: once, in a parallel test run, the
+        raylet did not register within Ray's fixed 30 s (a busy machine, or a port another
+        instance took between its choice here and the bind)."""
+        for attempt in range(1, attempts + 1):
+            started = self._start_once()
+            if started.returncode == 0:
+                return self.address
+            self.shutdown()
+            failure = (f"ray start --head failed ({started.returncode}, attempt {attempt} of "
+                       f"{attempts}): {(started.stdout + started.stderr)[-3000:]}")
+        raise RuntimeError(failure)
+
+    def _start_once(self) -> subprocess.CompletedProcess:
         # Short: Unix socket paths under it must stay below 108 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
         host = self.host or ray.util.get_node_ip_address()
         port = free_port(host)
         self.address = f"{host}:{port}"
-        started = subprocess.run(
+        return subprocess.run(
             [str(RAY_CLI), "start", "--head", f"--port={port}", f"--node-ip-address={host}",
              f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}",
              f"--resources={json.dumps(self.resources)}",
              f"--system-config={json.dumps(self.system_config)}", "--disable-usage-stats",
              *self._port_args(host), *self._dashboard_args(host), *self.extra_args,
              *self.start_args()],
-            env=self.env, capture_output=True, text=True, timeout=180,
+            env=self.env, capture_output=True, text=True, timeout=300,
         )
-        if started.returncode != 0:
-            raise RuntimeError(f"ray start --head failed ({started.returncode}): "
-                               f"{(started.stdout + started.stderr)[-3000:]}")
-        return self.address
 
     def start_args(self) -> list[str]:
         """More `ray start` arguments, once temp_dir and address are known (for subclasses)."""

@@ -34,3 +34,22 @@ def test_two_instances_side_by_side_each_see_their_own():
         assert processes_naming(other.temp_dir)  # the other instance lives on
     finally:
         other.shutdown()
+
+
+def test_a_failed_start_is_cleaned_up_and_tried_again_then_named(monkeypatch):
+    """Each attempt gets a new temp dir; a start that fails every time raises with Ray's
+    output, and leaves no process or folder behind."""
+    head = LocalRayHead(num_cpus=1, extra_args=("--no-such-flag",))
+    temp_dirs = []
+    start_once = head._start_once
+
+    def recorded():
+        started = start_once()
+        temp_dirs.append(head.temp_dir)
+        return started
+
+    monkeypatch.setattr(head, "_start_once", recorded)
+    with pytest.raises(RuntimeError, match=r"(?s)attempt 2 of 2.*no-such-flag"):
+        head.start()
+    assert len(set(temp_dirs)) == 2
+    assert head.temp_dir is None and not any(os.path.exists(d) for d in temp_dirs)
