@@ -240,9 +240,9 @@ def local_ray():
         yield
 
 
-def train_config(tiny_qwen_path, pairs_dir, out, db, *extra):
+def train_overrides(tiny_qwen_path, pairs_dir, out, db, *extra) -> list[str]:
     """4 steps of 2 pairs per worker, in micro-batches of 1 (DeepSpeed accumulates 2)."""
-    return load_config(LOCAL_CONFIG, [
+    return [
         f"model.base_model={tiny_qwen_path}", f"data.train={pairs_dir / 'train.parquet'}",
         f"data.test={pairs_dir / 'test.parquet'}", f"output_dir={out}",
         f"mlflow.tracking_uri=sqlite:///{db}", "optim.steps=4", "optim.warmup_steps=1",
@@ -250,7 +250,12 @@ def train_config(tiny_qwen_path, pairs_dir, out, db, *extra):
         "model.mc_samples=8", "model.lora.dropout=0.1", "checkpoint_every=2",
         "eval_every=2", "log_every=1", "distributed.num_workers=2",
         "distributed.cpus_per_worker=0.5", *extra,
-    ], model=RewardTrainConfig)
+    ]
+
+
+def train_config(tiny_qwen_path, pairs_dir, out, db, *extra):
+    return load_config(LOCAL_CONFIG, train_overrides(tiny_qwen_path, pairs_dir, out, db, *extra),
+                       model=RewardTrainConfig)
 
 
 def metric_history(client, run_id, key):
@@ -262,7 +267,7 @@ def metric_history(client, run_id, key):
 @pytest.mark.deepspeed
 @pytest.mark.slow
 def test_train_stop_resume_matches_an_uninterrupted_run(
-    local_ray, tiny_qwen_path, pairs_dir, tmp_path
+    local_ray, tiny_qwen_path, pairs_dir, tmp_path, capsys
 ):
     from spatialrl.learners.spatialscore_trainer import RUN_FILE, train_reward_model
     from spatialrl.reward.model import SpatialScore
@@ -279,6 +284,13 @@ def test_train_stop_resume_matches_an_uninterrupted_run(
     assert client.get_run(first.mlflow_run_id).info.status == "KILLED"
     with pytest.raises(ConfigError, match="already holds a run"):
         train_reward_model(cfg)
+    # Its checkpoint is verified before anything loads (then restored: the resume below
+    # still has to match the uninterrupted run).
+    assert_changed_checkpoint_files_are_named(
+        Path(first.checkpoint), capsys,
+        train_overrides(tiny_qwen_path, pairs_dir, tmp_path / "b", db, "stop_after=2"),
+        train_config(tiny_qwen_path, pairs_dir, tmp_path / "next", db,
+                     f"init_from={tmp_path / 'b'}"))
     resumed = train_reward_model(cfg.model_copy(update={"stop_after": None}), resume=True)
     assert resumed.mlflow_run_id == first.mlflow_run_id
     assert resumed.steps_done == 4
@@ -360,55 +372,49 @@ def test_a_full_finetune_continues_from_an_earlier_run(
     assert params["init_from"] == f"{first.checkpoint}/model"
 
 
-@pytest.mark.ray
-@pytest.mark.deepspeed
-@pytest.mark.slow
-def test_resume_and_init_from_refuse_a_changed_checkpoint_file(
-    local_ray, tiny_qwen_path, pairs_dir, tmp_path, capsys
-):
+def assert_changed_checkpoint_files_are_named(folder: Path, capsys, run_overrides: list[str],
+                                              init_from_cfg) -> None:
     """Each rank lists the sha256 of the files it wrote; a file of another rank than 0,
-    changed, stops `reward train --resume` with one line naming it, before anything loads."""
+    changed, stops `reward train --resume` with one line naming it, before anything loads,
+    and `init_from` the run likewise. Restored, the checkpoint verifies; a planted file, a
+    lost one or a lost list is named. The folder is left as it was found."""
     from spatialrl.checkpoint_digests import CheckpointError
     from spatialrl.learners.spatialscore_trainer import train_reward_model, verify_checkpoint
 
-    tiny = ("optim.steps=1", "optim.warmup_steps=0", "checkpoint_every=0", "eval_every=0")
-    first = train_reward_model(train_config(
-        tiny_qwen_path, pairs_dir, tmp_path / "run", tmp_path / "mlflow.db", *tiny))
-    folder = Path(first.checkpoint)
     assert sorted(p.name for p in (folder / "checksums").iterdir()) == [
         "rank-0.json", "rank-1.json"]
     shard = folder / "engine/spatialscore/zero_pp_rank_1_mp_rank_00_optim_states.pt"
     assert shard.name in (folder / "checksums/rank-1.json").read_text()
     original = shard.read_bytes()
     shard.write_bytes(original + b"\0")
-
-    sets = [arg for value in (*tiny, "distributed.cpus_per_worker=0.5")
-            for arg in ("--set", value)]
-    code = main(cli_args(tiny_qwen_path, pairs_dir, tmp_path, *sets, "--resume"))
-    assert code == 2
+    sets = [arg for value in run_overrides for arg in ("--set", value)]
+    assert main(["reward", "train", "--config", LOCAL_CONFIG, *sets, "--resume"]) == 2
     assert f"{shard}: sha256 differs from the one in checksums/rank-*.json" in (
         capsys.readouterr().err)
     assert shard.read_bytes() == original + b"\0"  # nothing overwritten
     with pytest.raises(CheckpointError, match=f"{shard}: sha256 differs"):
-        train_reward_model(train_config(  # init_from checks before any worker starts
-            tiny_qwen_path, pairs_dir, tmp_path / "next", tmp_path / "mlflow.db",
-            f"init_from={tmp_path / 'run'}"))
-
-    # Restored, it verifies; a planted file, a lost one or a lost list is named.
+        train_reward_model(init_from_cfg)  # init_from checks before any worker starts
     shard.write_bytes(original)
-    assert verify_checkpoint(folder)["steps_done"] == 1
+    steps_done = verify_checkpoint(folder)["steps_done"]
+
     planted = folder / "engine/spatialscore/extra.pt"
     planted.write_bytes(b"x")
     with pytest.raises(CheckpointError, match=f"{planted}: not listed"):
         verify_checkpoint(folder)
     planted.unlink()
-    (folder / "model/spatialscore.json").rename(tmp_path / "moved.json")
+    listed = folder / "model/spatialscore.json"
+    moved = folder.parent / "moved.json"
+    listed.rename(moved)
     with pytest.raises(CheckpointError, match="model/spatialscore.json: listed in .*, missing"):
         verify_checkpoint(folder)
-    (tmp_path / "moved.json").rename(folder / "model/spatialscore.json")
-    (folder / "checksums/rank-1.json").unlink()
+    moved.rename(listed)
+    rank_list = folder / "checksums/rank-1.json"
+    kept = rank_list.read_bytes()
+    rank_list.unlink()
     with pytest.raises(CheckpointError, match=f"{shard}: not listed"):
         verify_checkpoint(folder)
+    rank_list.write_bytes(kept)
+    assert verify_checkpoint(folder)["steps_done"] == steps_done
 
 
 def test_config_counts_accumulation():
