@@ -1,18 +1,20 @@
 """A training run whose driver is killed (SIGKILL of the driver, its local Ray instance and
 every actor, as when the head node goes) resumes from its newest complete checkpoint with
-`--resume`, in the same MLflow run, and trains on every group exactly once."""
+`--resume`, in the same MLflow run, and trains on every group exactly once. Its output_dir is
+a file:// URI: the object-store path, where every learner rank stages and uploads its files
+and a resume downloads them."""
 
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from sessions import kill_session, spatialrl
-from test_ray_trainer import trainer_config
+from test_ray_trainer import assert_both_ranks_saved_and_the_lora_loads, trainer_config
 
+from spatialrl import storage
 from spatialrl.run_state import checkpoint_dir, latest_checkpoint
 from spatialrl.train_batch import audit_ledger
 
@@ -30,7 +32,7 @@ def wait_for(condition, process, timeout_s: float, what: str) -> None:
 def test_a_run_whose_driver_was_killed_resumes_from_its_last_checkpoint(tiny_flux_path,
                                                                          tmp_path):
     cfg = trainer_config(tiny_flux_path, tmp_path, "iterations=6", "checkpoint_every=1",
-                         "eval_every=0")
+                         "eval_every=0", f"output_dir={(tmp_path / 'run').as_uri()}")
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     # Short: Ray's socket paths under these must stay below 108 characters.
@@ -40,8 +42,8 @@ def test_a_run_whose_driver_was_killed_resumes_from_its_last_checkpoint(tiny_flu
         run = spatialrl(["train", "--config", str(config_file)], ray_dirs[0],
                         tmp_path / "killed.log")
         sessions.append(run.pid)
-        first = Path(checkpoint_dir(cfg.output_dir, 1)) / "run_state.json"
-        wait_for(first.exists, run, 900, "the checkpoint of iteration 1")
+        first = storage.join(checkpoint_dir(cfg.output_dir, 1), "run_state.json")
+        wait_for(lambda: storage.exists(first), run, 900, "the checkpoint of iteration 1")
         kill_session(run.pid)
         run.wait(timeout=60)
         folder, state = latest_checkpoint(cfg.output_dir)
@@ -65,3 +67,6 @@ def test_a_run_whose_driver_was_killed_resumes_from_its_last_checkpoint(tiny_flu
     assert {m.step for m in versions} == set(range(6))
     assert max(versions, key=lambda m: (m.step, m.timestamp)).value == 6.0
     assert set(audit_ledger(cfg).values()) == {0}  # every group trained on once, whole
+    last, last_state = latest_checkpoint(cfg.output_dir)
+    assert last_state.next_iteration == 6
+    assert_both_ranks_saved_and_the_lora_loads(last, tiny_flux_path)

@@ -65,14 +65,11 @@ def assert_every_group_once(cfg):
                                  "groups_wrong_kept": 0, "foreign_rows": 0}
 
 
-@pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
 def test_runs_end_to_end_and_resumes_in_the_same_mlflow_run(local_ray, tiny_flux_path,
-                                                             tmp_path, as_uri):
-    """output_dir as a local path (written in place), and as a file:// URI: the object-store
-    path, where every learner rank stages its files locally and uploads them."""
-    output_dir = (tmp_path / "run").as_uri() if as_uri else str(tmp_path / "run")
-    cfg = trainer_config(tiny_flux_path, tmp_path, "grpo.check_old_log_probs=true",
-                         f"output_dir={output_dir}")
+                                                             tmp_path):
+    """output_dir as a local path, written in place (tests/test_driver_killed.py runs the
+    object-store path: a file:// URI, where every learner rank stages and uploads its files)."""
+    cfg = trainer_config(tiny_flux_path, tmp_path, "grpo.check_old_log_probs=true")
     run_id = train_on_ray(cfg)
 
     client = MlflowClient(cfg.mlflow.tracking_uri)
@@ -103,14 +100,7 @@ def test_runs_end_to_end_and_resumes_in_the_same_mlflow_run(local_ray, tiny_flux
         assert (state.next_iteration, state.version, state.mlflow_run_id) == (
             iteration + 1, iteration + 1, run_id)
         assert state.prompt_cursor == (iteration + 1) * PROMPTS_PER_ITERATION
-    # Both ranks' optimiser shards reached the checkpoint (each rank uploads its own on a URI).
-    learner_files = storage.list_files(storage.join(checkpoint_dir(cfg.output_dir, 2), "learner"))
-    assert {f for f in learner_files if "optim_states" in f} == {
-        f"learner/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)}
-    pipeline = FluxPipeline.from_pretrained(tiny_flux_path, torch_dtype=torch.float32)
-    with storage.staged_download(storage.join(checkpoint_dir(cfg.output_dir, 2), "learner",
-                                              "lora")) as lora:
-        pipeline.load_lora_weights(lora)
+    assert_both_ranks_saved_and_the_lora_loads(checkpoint_dir(cfg.output_dir, 2), tiny_flux_path)
     # One captioned eval image per evaluated iteration (eval_every=2 and the last).
     images = [a.path for a in client.list_artifacts(run_id, "images")]
     assert {int(p.split("+step+")[1].split("+")[0]) for p in images} == {0, 2}
@@ -119,7 +109,7 @@ def test_runs_end_to_end_and_resumes_in_the_same_mlflow_run(local_ray, tiny_flux
     # A newer checkpoint without its marker (a run killed while uploading) is not resumed from.
     storage.write_bytes(storage.join(checkpoint_dir(cfg.output_dir, 3), "learner", "learner",
                                      "mp_rank_00_model_states.pt"), b"partial")
-    resumed = trainer_config(tiny_flux_path, tmp_path, "iterations=5", f"output_dir={output_dir}")
+    resumed = trainer_config(tiny_flux_path, tmp_path, "iterations=5")
     assert train_on_ray(resumed, resume=True) == run_id
     steps = [m.step for m in client.get_metric_history(run_id, "reward/mean")]
     assert steps == [0, 1, 2, 3, 4]  # nothing lost or repeated
@@ -127,6 +117,17 @@ def test_runs_end_to_end_and_resumes_in_the_same_mlflow_run(local_ray, tiny_flux
     assert [m.value for m in versions][-2:] == [4.0, 5.0]
     assert_every_group_once(resumed)
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def assert_both_ranks_saved_and_the_lora_loads(folder: str, tiny_flux_path) -> None:
+    """Both ranks' optimiser shards reached the checkpoint `folder` (on a URI each rank
+    uploads its own), and its LoRA loads into diffusers."""
+    learner_files = storage.list_files(storage.join(folder, "learner"))
+    assert {f for f in learner_files if "optim_states" in f} == {
+        f"learner/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)}
+    pipeline = FluxPipeline.from_pretrained(tiny_flux_path, torch_dtype=torch.float32)
+    with storage.staged_download(storage.join(folder, "learner", "lora")) as lora:
+        pipeline.load_lora_weights(lora)
 
 
 def fit_with_fault(trainer: RayTrainer, fault) -> list[dict]:
