@@ -104,3 +104,15 @@ def test_the_schedule_warms_up_holds_then_decays_to_zero():
     factors = [lr_factor(step, settings) for step in (0, 99, 300, 599, 800, 999)]
     assert factors == pytest.approx([0.01, 1.0, 1.0, 1.0, 0.5, 1 / 400])
     assert lr_factor(999, GeneratorPretraining(steps=1000, lr_decay_steps=0)) == 1.0
+
+
+def test_the_text_encoders_size_is_a_build_setting(tmp_path):
+    built = pretrain_generator(tmp_path / "out", tmp_path / "work", GeneratorPretraining(
+        steps=0, text_hidden_size=48, text_layers=3, **SMALL))
+    pipeline = FluxPipeline.from_pretrained(built)
+    assert pipeline.text_encoder.config.hidden_size == 48
+    assert pipeline.text_encoder.config.num_hidden_layers == 3
+    assert (pipeline.text_encoder_2.config.d_model, pipeline.text_encoder_2.config.num_layers) == (
+        48, 3)
+    assert pipeline.transformer.config.joint_attention_dim == 48
+    assert pipeline.transformer.config.pooled_projection_dim == 48

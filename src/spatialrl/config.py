@@ -427,6 +427,10 @@ class GeneratorPretraining(FlowMatchingTraining):
     """Settings of `spatialrl pretrain generator` (the shipped model card lists them)."""
 
     image_size: int = 64
+    # The text encoders' (CLIP and T5) width and depth; the transformer's text projections
+    # follow the width. The rest of the model is spatialrl.tiny.flux.SHAPES_GENERATOR.
+    text_hidden_size: int = 64
+    text_layers: int = 2
     num_renders: int = 50_000
     vae_steps: int = 1000
     vae_batch_size: int = 16

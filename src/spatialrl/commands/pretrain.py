@@ -4,7 +4,8 @@
 - editor: the generator fine-tuned on edit triples with Kontext conditioning (a small
   FLUX.1-Kontext-dev).
 Both builds are resumable: rerun the same command with the same --work folder and it continues
-where it stopped. Measure the results with `spatialrl eval-policy` (--task edit for editors).
+where it stopped. Measure the results with `spatialrl eval-policy` (generators) and
+`spatialrl eval-editor` (editors).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -71,7 +71,8 @@ def pretrain_generator(
     work_dir.mkdir(parents=True, exist_ok=True)
     _check_settings(work_dir, settings)
     torch.manual_seed(settings.seed)
-    pipeline = build_tiny_flux(SHAPES_GENERATOR)
+    pipeline = build_tiny_flux(replace(SHAPES_GENERATOR, text_hidden_size=settings.text_hidden_size,
+                                       text_layers=settings.text_layers))
     images, prompts = renders(work_dir, settings)
     pipeline.vae = trained_vae(pipeline.vae, images, work_dir, settings)
     latents = encoded_latents(pipeline.vae, images, work_dir / LATENTS_FILE)

@@ -68,9 +68,9 @@ class FluxSize:
 
 TINY = FluxSize()
 # The shapes-world base generator (spatialrl pretrain generator): 64 px images, 4x VAE,
-# so 8 x 8 = 64 packed image tokens.
+# so 8 x 8 = 64 packed image tokens. Its text encoders' size is a build setting
+# (GeneratorPretraining.text_hidden_size, text_layers).
 SHAPES_GENERATOR = FluxSize(
-    text_hidden_size=64,
     vae_channels=(16, 32, 32),
     num_layers=2,
     num_single_layers=4,
