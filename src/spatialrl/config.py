@@ -416,6 +416,8 @@ class FlowMatchingTraining:
     max_sequence_length: int = 40
     # Guidance values drawn in training: any guidance_scale in this range samples alike.
     guidance_range: tuple[float, float] = (1.0, 5.0)
+    # The fraction of prompts trained as the empty prompt (0: none, and no random draw).
+    caption_dropout: float = 0.0
     checkpoint_every: int = 250
     log_every: int = 50
     # The saved pipeline's dtype; loaders cast to theirs. float16 halves the shipped size.
@@ -436,6 +438,22 @@ class GeneratorPretraining(FlowMatchingTraining):
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+
+
+@dataclass(frozen=True)
+class GuidanceDistillation(FlowMatchingTraining):
+    """Settings of `spatialrl pretrain guidance`: the base generator fine-tuned with caption
+    dropout for `teacher_steps` (the classifier-free-guidance teacher), then `steps` of
+    guidance distillation into FLUX's guidance embedding (spatialrl.flux.pretraining)."""
+
+    image_size: int = 64
+    num_renders: int = 50_000  # the generator's renders (same seed: the same scenes)
+    caption_dropout: float = 0.1
+    teacher_steps: int = 1500
+    steps: int = 1500
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    lr_decay_steps: int = 500
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""`spatialrl pretrain generator|editor`: train the shapes-world base models.
+"""`spatialrl pretrain generator|guidance|editor`: train the shapes-world base models.
 
 - generator: a small FLUX.1-dev (VAE, transformer, text encoders) from scratch;
+- guidance: the generator guidance-distilled as FLUX.1-dev is (a caption-dropout teacher
+  whose classifier-free-guided velocity the guidance embedding learns);
 - editor: the generator fine-tuned on edit triples with Kontext conditioning (a small
   FLUX.1-Kontext-dev).
-Both builds are resumable: rerun the same command with the same --work folder and it continues
+Every build is resumable: rerun the same command with the same --work folder and it continues
 where it stopped. Measure the results with `spatialrl eval-policy` (generators) and
 `spatialrl eval-editor` (editors).
 """
@@ -19,7 +21,7 @@ SHIPPED_GENERATOR = "models/shapes-flux"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from spatialrl.config import EditorPretraining, GeneratorPretraining
+    from spatialrl.config import EditorPretraining, GeneratorPretraining, GuidanceDistillation
 
     parser = subparsers.add_parser(
         "pretrain", help="train a base model of the shapes world",
@@ -31,14 +33,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_build_flags(generator, GeneratorPretraining, "FluxPipeline")
+    guidance = kinds.add_parser(
+        "guidance", help="the base generator guidance-distilled: classifier-free guidance "
+                         "in one pass, through FLUX's guidance embedding",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_generator_flag(guidance, "the generator to distil")
+    _add_build_flags(guidance, GuidanceDistillation, "FluxPipeline")
     editor = kinds.add_parser(
         "editor", help="the base editor: the base generator fine-tuned on edit triples "
                        "with Kontext conditioning (a small FLUX.1-Kontext-dev)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    editor.add_argument("--generator", type=Path, default=Path(SHIPPED_GENERATOR),
-                        help="the base generator to start from (a FluxPipeline folder)")
+    _add_generator_flag(editor, "the base generator to start from")
     _add_build_flags(editor, EditorPretraining, "FluxKontextPipeline")
+
+
+def _add_generator_flag(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--generator", type=Path, default=Path(SHIPPED_GENERATOR),
+                        help=f"{text} (a FluxPipeline folder)")
 
 
 def _add_build_flags(parser: argparse.ArgumentParser, settings: type, pipeline: str) -> None:
@@ -61,7 +74,7 @@ def _add_build_flags(parser: argparse.ArgumentParser, settings: type, pipeline: 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from spatialrl.flux.pretraining import pretrain_editor, pretrain_generator
+    from spatialrl.flux.pretraining import distil_guidance, pretrain_editor, pretrain_generator
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     })
     if args.kind == "editor":
         print(pretrain_editor(args.generator, args.out, args.work, settings))
+    elif args.kind == "guidance":
+        print(distil_guidance(args.generator, args.out, args.work, settings))
     else:
         print(pretrain_generator(args.out, args.work, settings))
     return 0

@@ -25,6 +25,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,12 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from spatialrl.config import EditorPretraining, FlowMatchingTraining, GeneratorPretraining
+from spatialrl.config import (
+    EditorPretraining,
+    FlowMatchingTraining,
+    GeneratorPretraining,
+    GuidanceDistillation,
+)
 from spatialrl.data.grammar import scene_to_prompt
 from spatialrl.data.render import LayoutError, render
 from spatialrl.data.shapes import sample_split_scene
@@ -56,6 +62,7 @@ LATENTS_FILE = "latents.safetensors"
 EDITS_FILE = "edits.safetensors"  # the editor's (source, target) renders
 INSTRUCTIONS_FILE = "instructions.json"
 SOURCE_LATENTS_FILE = "source_latents.safetensors"
+TEACHER_DIR = "teacher"  # the guidance teacher's FluxPipeline (float32)
 CHECKPOINT_DIR = "checkpoint"  # the transformer stage's newest checkpoint
 STATE_FILE = "training_state.pt"  # optimiser and EMA tensors; loaded with weights_only=True
 PROGRESS_FILE = "progress.json"
@@ -99,6 +106,38 @@ def pretrain_editor(
     return save_atomically(Path(out_dir), [editor.to(getattr(torch, settings.save_dtype))])
 
 
+def distil_guidance(
+    generator_dir: Path, out_dir: Path, work_dir: Path, settings: GuidanceDistillation
+) -> Path:
+    """Make the base generator a guidance-distilled one, as FLUX.1-dev is, into `out_dir`:
+    1. the teacher: the generator fine-tuned with caption dropout, so that it also predicts
+       the unconditional velocity and classifier-free guidance works (saved, float32, in the
+       work folder's `teacher/`, where `FluxPipeline(true_cfg_scale=...)` can sample it);
+    2. the student, initialised from the teacher, learns the teacher's guided velocity at
+       guidance g from FLUX's guidance embedding (`guidance_distillation_loss`).
+    Rerunning with the same work folder continues an interrupted build."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _check_settings(work_dir, settings)
+    torch.manual_seed(settings.seed)
+    pipeline = FluxPipeline.from_pretrained(generator_dir, torch_dtype=torch.float32,
+                                            use_safetensors=True)
+    images, prompts = renders(work_dir, settings)
+    latents = encoded_latents(pipeline.vae, images, work_dir / LATENTS_FILE)
+    teacher_dir = work_dir / TEACHER_DIR
+    if not (teacher_dir / "model_index.json").is_file():
+        train_transformer(pipeline, latents, prompts, work_dir / "teacher_training",
+                          replace(settings, steps=settings.teacher_steps))
+        save_atomically(teacher_dir, [pipeline])
+    teacher = FluxPipeline.from_pretrained(teacher_dir, torch_dtype=torch.float32,
+                                           use_safetensors=True)
+    pipeline = FluxPipeline.from_pretrained(teacher_dir, torch_dtype=torch.float32,
+                                            use_safetensors=True)
+    train_transformer(pipeline, latents, prompts, work_dir / "student_training",
+                      replace(settings, caption_dropout=0.0),
+                      loss_of=partial(guidance_distillation_loss, teacher=teacher))
+    return save_atomically(Path(out_dir), [pipeline.to(getattr(torch, settings.save_dtype))])
+
+
 # Settings that do not change what was trained so far: a build may go on with other values.
 CHANGEABLE_ON_RESUME = frozenset({"steps", "save_dtype", "checkpoint_every", "log_every"})
 
@@ -122,7 +161,9 @@ def _check_settings(work_dir: Path, settings: FlowMatchingTraining) -> None:
 # 1. Renders ----------------------------------------------------------------------------
 
 
-def renders(work_dir: Path, settings: GeneratorPretraining) -> tuple[np.ndarray, list[str]]:
+def renders(
+    work_dir: Path, settings: GeneratorPretraining | GuidanceDistillation
+) -> tuple[np.ndarray, list[str]]:
     """(uint8 [N, H, W, 3] images, their prompts): train-split scenes, made once."""
     images_path, prompts_path = work_dir / RENDERS_FILE, work_dir / PROMPTS_FILE
     if not prompts_path.is_file():
@@ -249,10 +290,13 @@ def train_transformer(
     work_dir: Path,
     settings: FlowMatchingTraining,
     condition: torch.Tensor | None = None,
+    loss_of: Callable[..., torch.Tensor] | None = None,
 ) -> None:
-    """Rectified-flow training of the transformer and both text encoders, resumed from the
-    work folder's checkpoint; at the end the EMA weights are copied into the pipeline.
-    `condition`: latents of the images each target edits (the editor), row for row."""
+    """Training of the transformer and both text encoders on `loss_of` (rectified flow when
+    None), resumed from the work folder's checkpoint; at the end the EMA weights are copied
+    into the pipeline. `condition`: latents of the images each target edits (the editor),
+    row for row."""
+    loss_of = loss_of or flow_matching_loss
     parts = [getattr(pipeline, name) for name in TRAINED_PARTS]
     parameters = [p for part in parts for p in part.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
@@ -267,9 +311,9 @@ def train_transformer(
     started, losses = time.monotonic(), []
     for step in range(start, settings.steps):
         rows = rng.integers(len(prompts), size=settings.batch_size)
-        loss = flow_matching_loss(
-            pipeline, latents[rows], [prompts[i] for i in rows], settings, generator,
-            None if condition is None else condition[rows],
+        loss = loss_of(
+            pipeline, latents[rows], _dropped_captions([prompts[i] for i in rows], settings, rng),
+            settings, generator, None if condition is None else condition[rows],
         )
         optimizer.zero_grad()
         loss.backward()
@@ -288,6 +332,18 @@ def train_transformer(
     for part in parts:
         part.eval()
     ema.copy_to(parameters)
+
+
+def _dropped_captions(
+    prompts: list[str], settings: FlowMatchingTraining, rng: np.random.Generator
+) -> list[str]:
+    """Caption dropout: a fraction of prompts become the empty prompt, so the model also
+    learns the unconditional velocity that classifier-free guidance needs. Without it no
+    random number is drawn, so builds without dropout are unchanged."""
+    if settings.caption_dropout == 0:
+        return prompts
+    dropped = rng.random(len(prompts)) < settings.caption_dropout
+    return ["" if drop else prompt for prompt, drop in zip(prompts, dropped, strict=True)]
 
 
 def lr_factor(step: int, settings: FlowMatchingTraining) -> float:
@@ -310,25 +366,83 @@ def flow_matching_loss(
     levels, the weighting SD3 and the FLUX scripts offer. With `condition` (latents of the
     source images), their tokens follow the noisy ones as in FluxKontextPipeline, and only
     the noisy tokens' prediction is scored."""
-    batch, channels, height, width = latents.shape
-    sigmas = torch.sigmoid(torch.randn(batch, generator=generator))
+    sigmas, noise, noisy = _noised(latents, generator)
+    guidance = _guidance(settings, len(latents), generator)
+    prediction = _velocity(pipeline, noisy, sigmas, guidance, prompts, settings, condition)
+    return F.mse_loss(prediction, _packed(pipeline, noise - latents))
+
+
+def guidance_distillation_loss(
+    pipeline: FluxPipeline,
+    latents: torch.Tensor,
+    prompts: list[str],
+    settings: FlowMatchingTraining,
+    generator: torch.Generator,
+    condition: torch.Tensor | None = None,
+    *,
+    teacher: FluxPipeline,
+) -> torch.Tensor:
+    """FLUX.1-dev's guidance distillation: at guidance g the student's one velocity must equal
+    the teacher's classifier-free-guided one, v_uncond + g (v_cond - v_uncond), where the
+    unconditional velocity is the teacher's for the empty prompt (it learnt it from caption
+    dropout). Sampling then costs one pass per step instead of two."""
+    sigmas, _, noisy = _noised(latents, generator)
+    guidance = _guidance(settings, len(latents), generator)
+    with torch.no_grad():
+        both = _velocity(teacher, noisy.repeat(2, 1, 1, 1), sigmas.repeat(2), guidance.repeat(2),
+                         prompts + [""] * len(prompts), settings,
+                         None if condition is None else condition.repeat(2, 1, 1, 1))
+        conditional, unconditional = both.chunk(2)
+        target = unconditional + guidance[:, None, None] * (conditional - unconditional)
+    prediction = _velocity(pipeline, noisy, sigmas, guidance, prompts, settings, condition)
+    return F.mse_loss(prediction, target)
+
+
+def _noised(
+    latents: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigmas, noise, x_t = (1 - sigma) x_0 + sigma noise) at logit-normal noise levels."""
+    sigmas = torch.sigmoid(torch.randn(len(latents), generator=generator))
     noise = torch.randn(latents.shape, generator=generator)
     noisy = (1 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
+    return sigmas, noise, noisy
+
+
+def _guidance(settings: FlowMatchingTraining, batch: int,
+              generator: torch.Generator) -> torch.Tensor:
     low, high = settings.guidance_range
-    guidance = low + (high - low) * torch.rand(batch, generator=generator)
+    return low + (high - low) * torch.rand(batch, generator=generator)
+
+
+def _packed(pipeline: FluxPipeline, latents: torch.Tensor) -> torch.Tensor:
+    batch, channels, height, width = latents.shape
+    return pipeline._pack_latents(latents, batch, channels, height, width)
+
+
+def _velocity(
+    pipeline: FluxPipeline,
+    noisy: torch.Tensor,
+    sigmas: torch.Tensor,
+    guidance: torch.Tensor,
+    prompts: list[str],
+    settings: FlowMatchingTraining,
+    condition: torch.Tensor | None,
+) -> torch.Tensor:
+    """The transformer's packed velocity for the noisy latents' tokens, the pipeline's way."""
+    batch, _, height, width = noisy.shape
     prompt_embeds, pooled, text_ids = pipeline.encode_prompt(
         prompt=prompts, prompt_2=None, max_sequence_length=settings.max_sequence_length
     )
-    tokens = pipeline._pack_latents(noisy, batch, channels, height, width)
+    tokens = _packed(pipeline, noisy)
     image_ids = pipeline._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu",
-                                                   latents.dtype)
+                                                   noisy.dtype)
     if condition is not None:
         source = pack_condition_latents(pipeline, condition)
         hidden_states = torch.cat([tokens, source.latents], 1)
         image_ids = torch.cat([image_ids, source.image_ids])
     else:
         hidden_states = tokens
-    prediction = pipeline.transformer(
+    return pipeline.transformer(
         hidden_states=hidden_states,
         timestep=sigmas,  # the pipeline passes timesteps / 1000, i.e. sigma
         guidance=guidance,
@@ -338,8 +452,6 @@ def flow_matching_loss(
         img_ids=image_ids,
         return_dict=False,
     )[0][:, :tokens.shape[1]]
-    target = pipeline._pack_latents(noise - latents, batch, channels, height, width)
-    return F.mse_loss(prediction, target)
 
 
 @dataclass
@@ -360,7 +472,7 @@ class TrainingState:
         staging = work_dir / f"{CHECKPOINT_DIR}.tmp"
         if staging.exists():
             shutil.rmtree(staging)
-        staging.mkdir()
+        staging.mkdir(parents=True)
         for name, part in zip(TRAINED_PARTS, self.parts, strict=True):
             part.save_pretrained(staging / name)
         torch.save({"optimizer": self.optimizer.state_dict(),
