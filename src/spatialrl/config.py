@@ -414,7 +414,9 @@ class FlowMatchingTraining:
     # FluxPipeline pads every prompt to this many T5 tokens; 40 holds the longest
     # shapes-world prompt (35), so none is cut.
     max_sequence_length: int = 40
-    # Guidance values drawn in training: any guidance_scale in this range samples alike.
+    # Guidance values drawn for the guidance embedding. Rectified-flow training ignores them
+    # (any guidance_scale in the range samples alike); guidance distillation gives them
+    # meaning: the classifier-free guidance scale the student reproduces.
     guidance_range: tuple[float, float] = (1.0, 5.0)
     # The fraction of prompts trained as the empty prompt (0: none, and no random draw).
     caption_dropout: float = 0.0

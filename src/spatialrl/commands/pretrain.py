@@ -38,20 +38,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "in one pass, through FLUX's guidance embedding",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_generator_flag(guidance, "the generator to distil")
+    # No default: the shipped generator is already distilled.
+    guidance.add_argument("--generator", type=Path, required=True,
+                          help="the generator to distil (a FluxPipeline folder from "
+                               "`pretrain generator`)")
     _add_build_flags(guidance, GuidanceDistillation, "FluxPipeline")
     editor = kinds.add_parser(
         "editor", help="the base editor: the base generator fine-tuned on edit triples "
                        "with Kontext conditioning (a small FLUX.1-Kontext-dev)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_generator_flag(editor, "the base generator to start from")
+    editor.add_argument("--generator", type=Path, default=Path(SHIPPED_GENERATOR),
+                        help="the base generator to start from (a FluxPipeline folder)")
     _add_build_flags(editor, EditorPretraining, "FluxKontextPipeline")
-
-
-def _add_generator_flag(parser: argparse.ArgumentParser, text: str) -> None:
-    parser.add_argument("--generator", type=Path, default=Path(SHIPPED_GENERATOR),
-                        help=f"{text} (a FluxPipeline folder)")
 
 
 def _add_build_flags(parser: argparse.ArgumentParser, settings: type, pipeline: str) -> None:
