@@ -63,6 +63,7 @@ def arm_config(args: argparse.Namespace, arm: str) -> TrainConfig:
         f"iterations={args.iterations}", f"eval_every={args.eval_every}", "checkpoint_every=0",
         f"prompts.num_eval_prompts={args.eval_prompts}", f"output_dir={args.work / arm}",
         f"mlflow.experiment={args.experiment}", f"mlflow.run_name=bench {arm}",
+        *args.set,
     ])
 
 
@@ -105,7 +106,7 @@ def run_arm(args: argparse.Namespace, arm: str, prompts: list[str]) -> dict:
     train_s = time.perf_counter() - start
     images = cfg.prompts.prompts_per_iteration * cfg.grpo.group_size
     return {
-        "overrides": ARMS[arm],
+        "overrides": [*ARMS[arm], *args.set],
         "images_sampled": cfg.iterations * images,
         "run_seconds": round(train_s, 1),
         "curve": learning_curve(history, images),
@@ -173,6 +174,8 @@ def main() -> None:
     parser.add_argument("--experiment", default="spatial-rl-bench")
     parser.add_argument("--work", type=Path, default=Path("runs/spatial-rl-bench"))
     parser.add_argument("--out", default="bench/results/spatial_rl.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every arm (e.g. optim.lr=1e-3)")
     parser.add_argument("--train-only", action="store_true",
                         help="train and sample the arms, then stop (no SpatialScore needed)")
     args = parser.parse_args()

@@ -123,6 +123,23 @@ def test_the_tiny_judge_is_a_qwen3_vl_that_sees_both_images(tiny_judge):
     assert inputs["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
 
 
+def test_the_judge_backbone_is_wider_and_reads_boxes_finer(tiny_models_dir):
+    """qwen3-vl-judge, the backbone a tiny SpatialReward trains on: 4 layers of width 192,
+    and a 256x256 image costs 64 tokens where the test backbone caps it at 16."""
+    from spatialrl.spatialreward.model import SpatialReward, SpatialRewardConfig
+
+    judges = {name: SpatialReward.from_config(SpatialRewardConfig(
+        model=str(tiny_models_dir / name), dtype="float32")) for name in ("qwen3-vl",
+                                                                          "qwen3-vl-judge")}
+    text = judges["qwen3-vl-judge"].model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers) == (192, 4)
+    big = [Image.new("RGB", (256, 256), "red")] * 2
+    turn = [[{"type": "image"}, {"type": "image"}, {"type": "text", "text": "move it"}]]
+    tokens = {name: int(judge._encode(turn, [big])["mm_token_type_ids"].sum())
+              for name, judge in judges.items()}
+    assert tokens == {"qwen3-vl": 2 * 16, "qwen3-vl-judge": 2 * 64}
+
+
 def test_score_returns_one_result_per_sample_and_a_random_judge_gets_no_reward(tiny_judge):
     source, edited = images()
     results = tiny_judge.score([source, edited], [edited, source],

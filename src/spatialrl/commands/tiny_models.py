@@ -2,7 +2,8 @@
 
 OUT/flux is a FluxPipeline folder, OUT/owlv2 an OWLv2 detector, OUT/qwen2.5-vl a Qwen2.5-VL
 folder, OUT/qwen2.5-vl-reward a deeper one that a tiny SpatialScore learns spatial
-relations on, and OUT/qwen3-vl a Qwen3-VL folder (SpatialReward's backbone); all load
+relations on, OUT/qwen3-vl a Qwen3-VL folder (SpatialReward's backbone class) and
+OUT/qwen3-vl-judge a wider one that a tiny SpatialReward is trained on; all load
 through the same from_pretrained code as the production checkpoints.
 """
 
@@ -20,6 +21,7 @@ FLUX_DIR = "flux"
 QWEN_VL_DIR = "qwen2.5-vl"
 QWEN_VL_REWARD_DIR = "qwen2.5-vl-reward"  # deeper, for SpatialScore training (configs/reward)
 QWEN3_VL_DIR = "qwen3-vl"  # SpatialReward's backbone class
+QWEN3_VL_JUDGE_DIR = "qwen3-vl-judge"  # wider, for SpatialReward training (configs/spatialreward)
 OWLV2_DIR = "owlv2"  # the zero-shot detector that verifies pairs and judges real-object images
 
 
@@ -46,10 +48,11 @@ def write_tiny_models(out: Path, seed: int = 0, force: bool = False) -> dict[str
     """
     from spatialrl.tiny.flux import write_tiny_flux
     from spatialrl.tiny.owlv2 import write_tiny_owlv2
-    from spatialrl.tiny.qwen3_vl import write_tiny_qwen3_vl
+    from spatialrl.tiny.qwen3_vl import JUDGE_BACKBONE, write_tiny_qwen3_vl
 
     writers = {FLUX_DIR: write_tiny_flux, OWLV2_DIR: write_tiny_owlv2,
-               QWEN3_VL_DIR: write_tiny_qwen3_vl}
+               QWEN3_VL_DIR: write_tiny_qwen3_vl,
+               QWEN3_VL_JUDGE_DIR: partial(write_tiny_qwen3_vl, size=JUDGE_BACKBONE)}
     try:
         from spatialrl.tiny.qwen_vl import REWARD_BACKBONE, write_tiny_qwen_vl
     except ModuleNotFoundError as err:
