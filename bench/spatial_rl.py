@@ -67,6 +67,19 @@ def arm_config(args: argparse.Namespace, arm: str) -> TrainConfig:
     ])
 
 
+def final_prompts(cfg: TrainConfig, count: int, seed: int) -> list[str]:
+    """The held-out prompts of the final comparison: the shapes world's test split with their
+    own seed, or from a prompt file the rows after the ones the trainer evaluates on."""
+    source, skip = cfg.prompts.eval_source, cfg.prompts.num_eval_prompts
+    if source == "shapes":
+        return eval_prompts(source, count, seed)
+    prompts = eval_prompts(source, skip + count, seed)[skip:]
+    if len(prompts) < count:
+        raise SystemExit(f"{source}: {len(prompts)} prompts after the trainer's {skip}, "
+                         f"fewer than --final-prompts {count}")
+    return prompts
+
+
 def final_images(pipeline, cfg: TrainConfig, prompts: list[str], where: Path) -> str:
     """The policy's ODE samples of the final prompts, [N, H, W, 3] uint8, saved to `where`;
     returns that path."""
@@ -183,8 +196,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
-    prompts = eval_prompts("shapes", args.final_prompts, args.final_seed)
     cfg = arm_config(args, args.arms[0])
+    prompts = final_prompts(cfg, args.final_prompts, args.final_seed)
     base = cached(args.work / "base.json", lambda: {"final_images": final_images(
         load_flux_pipeline(cfg.model), cfg, prompts, args.work / "base_final.npy")})
     arms = {arm: cached(args.work / f"{arm}.json", lambda arm=arm: run_arm(args, arm, prompts))

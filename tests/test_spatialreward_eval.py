@@ -258,3 +258,34 @@ def test_eval_names_a_split_without_rows(tiny_models_dir, edits_file, capsys):
     code = main(["spatialreward", "eval", "--model", str(tiny_models_dir / "qwen3-vl"),
                  "--edits", str(edits_file), "--split", "train"])
     assert code == 2 and "has no train rows" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the package command
+
+
+def test_package_writes_float16_safetensors_that_load_as_the_same_judge(tiny_models_dir,
+                                                                       tmp_path, capsys):
+    import torch
+
+    from spatialrl.spatialreward.model import SpatialReward, SpatialRewardConfig
+
+    source = tiny_models_dir / "qwen3-vl"
+    out = tmp_path / "shipped"
+    assert main(["spatialreward", "package", "--model", str(source), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    weights = [p.name for p in out.iterdir() if p.suffix in {".safetensors", ".bin", ".pt"}]
+    assert weights == ["model.safetensors"]
+    judges = [SpatialReward.from_config(SpatialRewardConfig(model=str(folder), dtype="float32"))
+              for folder in (source, out)]
+    for (name, trained), shipped in zip(judges[0].model.state_dict().items(),
+                                        judges[1].model.state_dict().values(), strict=True):
+        assert shipped.dtype == torch.float32, name
+        assert torch.equal(shipped, trained.half().float()), name
+    assert judges[0].encoder.tokenizer.get_vocab() == judges[1].encoder.tokenizer.get_vocab()
+
+
+def test_package_names_a_folder_that_is_not_a_model(tmp_path, capsys):
+    code = main(["spatialreward", "package", "--model", str(tmp_path), "--out",
+                 str(tmp_path / "out")])
+    assert code == 2 and "is not a model folder (no config.json)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -38,12 +38,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--device", help="default: cuda if available, else cpu")
     evaluate.set_defaults(func=run_eval)
 
+    package = commands.add_parser(
+        "package", help="rewrite a trained judge for shipping (weights in float16 by default)")
+    package.add_argument("--model", required=True, metavar="DIR",
+                         help="a run's checkpoint model/ folder")
+    package.add_argument("--out", required=True, type=Path, metavar="DIR")
+    package.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                         default="float16")
+    package.set_defaults(func=run_package)
+
 
 def run_train(args: argparse.Namespace) -> int:
     from spatialrl.learners.spatialreward_trainer import train_spatialreward
     from spatialrl.spatialreward.train_config import SpatialRewardTrainConfig
 
     return run_training(args, SpatialRewardTrainConfig, train_spatialreward)
+
+
+def run_package(args: argparse.Namespace) -> int:
+    from spatialrl.errors import InputError
+    from spatialrl.spatialreward.model import package_judge
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise InputError(f"--model: {args.model} is not a model folder (no config.json)")
+    print(package_judge(args.model, args.out, args.dtype))
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -178,3 +179,15 @@ def answer_json_schema(schema: type, config: SpatialRewardConfig) -> dict:
         properties = {"edit_region": {"type": "array", "items": region}, **properties}
     return {"type": "object", "additionalProperties": False,
             "required": list(properties), "properties": properties}
+
+
+def package_judge(model: str, out: Path, dtype: str = "float16") -> Path:
+    """A trained judge (a run's checkpoint model/ folder) rewritten for shipping: its weights
+    in `dtype` (safetensors), with its tokenizer and image processor. `from_config` casts the
+    weights to the dtype it is asked for."""
+    from spatialrl.tiny import save_atomically
+
+    tokenizer, image_processor, _ = load_qwen_vl_processing(model)
+    weights = Qwen3VLForConditionalGeneration.from_pretrained(
+        model, dtype=getattr(torch, dtype), use_safetensors=True)
+    return save_atomically(Path(out), [weights, tokenizer, image_processor])
