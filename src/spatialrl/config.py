@@ -81,6 +81,11 @@ class SamplingConfig(Section):
     # Edits: resize the source image to the preferred FLUX.1-Kontext resolution, as
     # FluxKontextPipeline does by default; false keeps its own size (small shapes models).
     kontext_resolution: bool = True
+    # independent: every sample of a group starts from its own noise (Flow-GRPO). shared: the
+    # G samples of a prompt start from one initial noise and differ only by the SDE steps'
+    # noise (DanceGRPO), so that the reward differences within a group come from the steps
+    # the policy gradient credits, not from a start it cannot change.
+    group_initial_noise: Literal["independent", "shared"] = "independent"
 
     @model_validator(mode="after")
     def _check(self) -> SamplingConfig:

@@ -16,6 +16,8 @@ from spatialrl.config import SamplingConfig
 from spatialrl.flux.encoding import PromptEmbeddingCache
 from spatialrl.flux.sampler import Trajectory, sample
 
+GROUP_START = -1  # rollout_seed's sample index for a group's shared initial noise
+
 
 def rollout_seed(run_seed: int, iteration: int, prompt: str, sample_index: int) -> int:
     key = f"{run_seed}|{iteration}|{prompt}|{sample_index}".encode()
@@ -59,6 +61,9 @@ def sample_groups(
     seeds = [
         rollout_seed(run_seed, iteration, p, i) for p in prompts for i in range(group_size)
     ]
+    initial_seeds = None if cfg.group_initial_noise == "independent" else [
+        rollout_seed(run_seed, iteration, p, GROUP_START) for p in prompts
+        for _ in range(group_size)]
     parts, images = [], []
     for start in range(0, len(flat_prompts), cfg.batch_size):
         end = start + cfg.batch_size
@@ -66,6 +71,7 @@ def sample_groups(
             pipeline, flat_prompts[start:end], seeds[start:end], cfg, prompt_cache=prompt_cache,
             condition_images=None if flat_sources is None else flat_sources[start:end],
             kontext_resolution=cfg.kontext_resolution,
+            initial_seeds=None if initial_seeds is None else initial_seeds[start:end],
         )
         parts.append(trajectory)
         images.extend(batch_images)

@@ -234,6 +234,7 @@ def sample(
     prompt_cache: PromptEmbeddingCache | None = None,
     condition_images: Sequence[PipelineImageInput] | None = None,
     kontext_resolution: bool = True,
+    initial_seeds: Sequence[int] | None = None,
 ) -> tuple[Trajectory, list | torch.Tensor | np.ndarray]:
     """Sample one image per (prompt, seed) and record its trajectory.
 
@@ -244,9 +245,13 @@ def sample(
     condition_images (one per prompt, repeats allowed) make it an edit of those images, as
     FluxKontextPipeline(image=..., height=h, width=w, max_area=h * w, _auto_resize=
     kontext_resolution); see spatialrl.flux.conditioning.
+    initial_seeds (one per prompt) seed the initial noise apart from the SDE steps' noise,
+    which then comes from `seeds` alone; None draws both from `seeds`, as FluxPipeline does.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if initial_seeds is not None and len(initial_seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(initial_seeds)} initial seeds")
     if condition_images is not None and len(condition_images) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(condition_images)} condition images")
     noise_level = cfg.noise_level if noise_level is None else noise_level
@@ -263,7 +268,8 @@ def sample(
         cfg.width,
         torch.float32,  # states are kept in float32; the transformer gets a cast copy
         device,
-        generators,
+        generators if initial_seeds is None else
+        [torch.Generator("cpu").manual_seed(int(seed)) for seed in initial_seeds],
     )
     condition = (
         no_condition(batch_size, latents.shape[-1], embeddings.prompt_embeds.dtype, device)
