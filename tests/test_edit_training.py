@@ -152,10 +152,11 @@ def test_edits_are_sampled_from_their_source(tmp_path, tiny_flux_path):
     cfg = edit_config(tmp_path, tiny_flux_path)
     pipeline = load_flux_pipeline(cfg.model)
     sources = [Image.new("RGB", (64, 64), "black"), Image.new("RGB", (64, 64), "white")]
-    groups = sample_groups(pipeline, ["Make it red"] * 2, [0, 1], 0, 0, cfg.seed, 2,
+    # one instruction and one group id for both: the same seeds, so the same noise
+    groups = sample_groups(pipeline, ["Make it red"] * 2, [3, 3], 0, 0, cfg.seed, 2,
                            cfg.sampling, sources=sources)
     first, second = (g.trajectory for g in groups)
-    assert torch.equal(first.states[:, 0], second.states[:, 0])  # the same noise
+    assert torch.equal(first.states[:, 0], second.states[:, 0])
     assert not torch.equal(first.condition_latents, second.condition_latents)
     assert not np.array_equal(np.asarray(groups[0].images[0]), np.asarray(groups[1].images[0]))
     assert groups[0].source is sources[0]

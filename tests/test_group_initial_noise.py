@@ -55,3 +55,12 @@ def test_recomputed_log_probs_match_the_rollout_with_shared_noise(pipeline):
 def test_an_unknown_choice_is_named():
     with pytest.raises(ConfigError, match="sampling.group_initial_noise"):
         load_config("configs/tiny.yaml", ["sampling.group_initial_noise=same"])
+
+
+def test_two_groups_of_one_prompt_in_an_iteration_are_drawn_apart(pipeline):
+    """A prompt file with repeats puts one prompt in two groups of an iteration: each group
+    is seeded by its id too, so they are not copies."""
+    cfg = SamplingConfig(height=32, width=32, num_steps=2, batch_size=4, max_sequence_length=16)
+    first, second = sample_groups(pipeline, [PROMPTS[0]] * 2, [4, 5], iteration=0, version=0,
+                                  run_seed=0, group_size=2, cfg=cfg)
+    assert not torch.allclose(first.trajectory.states, second.trajectory.states, atol=1e-3)

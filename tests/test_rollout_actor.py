@@ -55,11 +55,12 @@ def rollout(actor, prompts: list[str], group_ids: list[int], iteration: int
     return summary, Trajectory.from_tensors(**packed), trajectories_ref
 
 
-def test_same_prompt_iteration_and_index_give_the_same_trajectory_on_any_actor(make_actor):
+def test_same_group_iteration_and_index_give_the_same_trajectory_on_any_actor(make_actor):
     first, second = make_actor(), make_actor()
-    both, both_trajectories, _ = rollout(first, PROMPTS, [0, 1], 3)
+    both, both_trajectories, _ = rollout(first, PROMPTS, [0, 7], 3)
     alone, alone_trajectories, _ = rollout(second, PROMPTS[1:], [7], 3)
     _, later_trajectories, _ = rollout(second, PROMPTS[1:], [7], 4)
+    _, other_group_trajectories, _ = rollout(second, PROMPTS[1:], [8], 3)
 
     # Drawn in another batch, at another position, by another actor: the same samples, and
     # the reward deployment scores them alike.
@@ -70,6 +71,9 @@ def test_same_prompt_iteration_and_index_give_the_same_trajectory_on_any_actor(m
     torch.testing.assert_close(alone["groups"][0]["mu"], both["groups"][1]["mu"], rtol=0,
                                atol=1e-2)
     assert not torch.allclose(later_trajectories.states, alone_trajectories.states, atol=1e-3)
+    # the same prompt as another group of the iteration (a prompt file with repeats)
+    assert not torch.allclose(other_group_trajectories.states, alone_trajectories.states,
+                              atol=1e-3)
     assert alone["groups"][0]["mu"].std() > 0, "distinct samples get distinct rewards"
     # The summary carries no pixels and no trajectories: only scores, seeds and names.
     assert {k for g in both["groups"] for k in g} == {

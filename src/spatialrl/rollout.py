@@ -19,8 +19,14 @@ from spatialrl.flux.sampler import Trajectory, sample
 GROUP_START = -1  # rollout_seed's sample index for a group's shared initial noise
 
 
-def rollout_seed(run_seed: int, iteration: int, prompt: str, sample_index: int) -> int:
+def rollout_seed(run_seed: int, iteration: int, prompt: str, sample_index: int,
+                 group_id: int | None = None) -> int:
+    """The seed of one sample. A group's id (its prompt's position in the run's prompt stream)
+    keeps two groups of one prompt in an iteration apart (a prompt file with repeats); a group
+    redone after a fault keeps its id, so it is drawn again alike."""
     key = f"{run_seed}|{iteration}|{prompt}|{sample_index}".encode()
+    if group_id is not None:
+        key += f"|{group_id}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
@@ -58,12 +64,11 @@ def sample_groups(
     prompt_cache = PromptEmbeddingCache() if prompt_cache is None else prompt_cache
     flat_prompts = [p for p in prompts for _ in range(group_size)]
     flat_sources = None if sources is None else [s for s in sources for _ in range(group_size)]
-    seeds = [
-        rollout_seed(run_seed, iteration, p, i) for p in prompts for i in range(group_size)
-    ]
+    seeds = [rollout_seed(run_seed, iteration, p, i, g)
+             for p, g in zip(prompts, group_ids, strict=True) for i in range(group_size)]
     initial_seeds = None if cfg.group_initial_noise == "independent" else [
-        rollout_seed(run_seed, iteration, p, GROUP_START) for p in prompts
-        for _ in range(group_size)]
+        rollout_seed(run_seed, iteration, p, GROUP_START, g)
+        for p, g in zip(prompts, group_ids, strict=True) for _ in range(group_size)]
     parts, images = [], []
     for start in range(0, len(flat_prompts), cfg.batch_size):
         end = start + cfg.batch_size
