@@ -27,10 +27,10 @@ import torch
 from diffusers import FluxPipeline
 from results_file import write_result
 
+from spatialrl.data.grammar import Predicate
 from spatialrl.data.shapes import sample_prompts
 
-RELATIONS = ("to the left of", "to the right of", "in front of", "next to", "above", "below",
-             "behind", "under", "on")
+RELATIONS = sorted((predicate.phrase for predicate in Predicate), key=len, reverse=True)
 TWO_OBJECTS = re.compile(rf"^(an? [a-z ]+?) ({'|'.join(RELATIONS)}) (an? [a-z ]+)$")
 
 
