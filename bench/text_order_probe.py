@@ -53,8 +53,8 @@ def swapped_pairs(count: int, seed: int) -> list[tuple[str, str, list[str]]]:
 
 
 class Encoders:
-    def __init__(self, model: str, max_sequence_length: int):
-        self.pipeline = FluxPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    def __init__(self, pipeline: FluxPipeline, max_sequence_length: int):
+        self.pipeline = pipeline
         self.length = max_sequence_length
 
     @torch.no_grad()
@@ -110,7 +110,8 @@ def main() -> None:
     args = parser.parse_args()
     pairs = swapped_pairs(args.prompts, args.seed)
     result = {"prompts": len(pairs), "example": pairs[0][:2],
-              "models": {model: probe(Encoders(model, args.max_sequence_length), pairs)
+              "models": {model: probe(Encoders(FluxPipeline.from_pretrained(
+                  model, torch_dtype=torch.float32), args.max_sequence_length), pairs)
                          for model in args.model}}
     write_result(result, args.out)
 

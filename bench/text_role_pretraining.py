@@ -103,8 +103,7 @@ def train_arm(args: argparse.Namespace, train_t5: bool, held_out) -> dict:
             print(train_t5, curve[-1], flush=True)
     seconds = time.perf_counter() - start
     t5.eval()
-    encoders = Encoders.__new__(Encoders)  # the probe on this T5, in memory
-    encoders.pipeline, encoders.length = pipeline, args.max_sequence_length
+    encoders = Encoders(pipeline, args.max_sequence_length)
     return {"slot_accuracy": curve, "train_seconds": round(seconds, 1),
             "text_order_probe": probe(encoders, swapped_pairs(200, seed=3))}
 
